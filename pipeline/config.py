@@ -1,0 +1,125 @@
+"""One TOML file, a section per stage; CLI flags override it; every key is checked against a dataclass.
+
+    run_dir = "runs/demo"          # top-level keys are shared by every stage that has the field
+    clip = "ViT-B-16:openai"
+    [train_adapter]
+    noise = 0.04
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import OvmlError
+
+SHARED_KEYS = ("run_dir", "clip", "seed", "device")
+SECTIONS = ("generate_text", "embed_text", "train_adapter", "embed_images", "eval", "predict", "run")
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """Parse and check the file's shape (known sections and shared keys); {} when there is no file."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise OvmlError(f"config file {path} does not exist; pass an existing TOML file to --config")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise OvmlError(f"config file {path} is not valid TOML: {e}") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                hint = f" (did you mean [{key.replace('-', '_')}]?)" if key.replace("-", "_") in SECTIONS else ""
+                raise OvmlError(
+                    f"unknown section [{key}] in {path}{hint}; known sections: {', '.join(SECTIONS)}"
+                )
+        elif key not in SHARED_KEYS:
+            raise OvmlError(
+                f"unknown top-level key '{key}' in {path}; top-level keys: {', '.join(SHARED_KEYS)}"
+                " (stage options go in their [section])"
+            )
+    return data
+
+
+def build_config(cls, section: str, file_data: dict[str, Any], overrides: dict[str, Any] | None = None,
+                 source: str = "config"):
+    """Defaults <- shared top-level keys <- [section] <- CLI overrides (None means 'not given')."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key in SHARED_KEYS:
+        if key in file_data and key in fields:
+            values[key] = _check(key, file_data[key], hints[key], f"top level of {source}")
+    for key, value in file_data.get(section, {}).items():
+        if key not in fields:
+            raise OvmlError(
+                f"unknown key '{key}' in [{section}] of {source}; known keys: {', '.join(sorted(fields))}"
+            )
+        values[key] = _check(key, value, hints[key], f"[{section}] of {source}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _check(key, value, hints[key], "the command line")
+    return cls(**values)
+
+
+def _check(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Return `value` converted to `hint` when it fits, else raise a one-line error naming the key."""
+    ok, converted = _fits(value, hint)
+    if not ok:
+        raise OvmlError(f"'{key}' in {where} must be {_describe(hint)}, got {value!r}")
+    return converted
+
+
+def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, converted = _fits(value, arm)
+            if ok:
+                return True, converted
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            return False, None
+        items = [_fits(v, item_hint) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool), float(value)
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is Path:
+        return isinstance(value, str | Path), Path(value)
+    raise TypeError(f"config type {hint} is not supported")  # a programming error, not a user error
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "unset"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}[hint]
+
+
+def as_params(cfg) -> dict[str, Any]:
+    """The config as plain JSON-able values, for the manifest and fingerprints."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,57 @@
+"""The image cache of one dataset: images/<dataset>/{index.faiss, items.parquet, dataset.json, failures.parquet}.
+
+index.faiss   IndexFlatIP over L2-normalised CLIP image embeddings; row i <-> items row i
+items.parquet row, image_id, path, positives list<str>, negatives list<str> or null, ignored list<str>
+              (negatives null: every dataset label that is neither positive nor ignored is negative)
+dataset.json  dataset name, root, clip spec, random_weights, labels (all), splits {name: [labels]}
+failures.parquet  image_id, path, error   (images that could not be read; never embedded)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import atomic
+from pipeline.errors import OvmlError
+
+ITEMS_SCHEMA = pa.schema([
+    ("row", pa.int64()),
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("positives", pa.list_(pa.string())),
+    ("negatives", pa.list_(pa.string())),
+    ("ignored", pa.list_(pa.string())),
+])
+FAILURES_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("error", pa.string())])
+
+
+def write_index(path: Path, vectors: np.ndarray) -> None:
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    atomic.write_bytes(path, faiss.serialize_index(index).tobytes())
+
+
+def read_index(path: Path) -> np.ndarray:
+    """All vectors of a flat index, as one float32 matrix."""
+    index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def read_image_cache(directory: Path) -> tuple[np.ndarray, pa.Table, dict]:
+    """(vectors [n, d], items, dataset info) of a cache written by embed-images."""
+    for name in ("index.faiss", "items.parquet", "dataset.json"):
+        if not (directory / name).is_file():
+            raise OvmlError(f"{directory / name} is missing; run `ovml embed-images` for this dataset first")
+    vectors = read_index(directory / "index.faiss")
+    items = pq.read_table(directory / "items.parquet")
+    info = json.loads((directory / "dataset.json").read_text(encoding="utf-8"))
+    if len(items) != len(vectors):
+        raise OvmlError(f"{directory} is inconsistent ({len(items)} items, {len(vectors)} vectors); "
+                        "re-run `ovml embed-images --force`")
+    return vectors, items, info
