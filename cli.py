@@ -91,7 +91,8 @@ def generate_text(
     run_dir: RunDirOpt = None,
     labels: Annotated[str | None, typer.Option(help="Label vocabulary: a text file, one label per line "
                                                "(optionally 'label: synonym, synonym').")] = None,
-    per_label: Annotated[int | None, typer.Option(help="Kept captions each label must appear in. [default: 20]")] = None,
+    per_label: Annotated[int | None, typer.Option(
+        help="Kept captions each label must appear in. [default: 20]")] = None,
     min_labels: Annotated[int | None, typer.Option(help="Fewest labels named per prompt. [default: 1]")] = None,
     max_labels: Annotated[int | None, typer.Option(help="Most labels named per prompt. [default: 4]")] = None,
     sampling: Annotated[str | None, typer.Option(help="How label sets are drawn: uniform, similar (close in CLIP "
