@@ -2,8 +2,10 @@
 
 index.faiss   IndexFlatIP over L2-normalised CLIP image embeddings; row i <-> items row i
 items.parquet row, image_id, path, positives list<str>, negatives list<str> or null, ignored list<str>
-              (negatives null: every dataset label that is neither positive nor ignored is negative)
-dataset.json  dataset name, root, clip spec, random_weights, labels (all), splits {name: [labels]}
+              (negatives null: every dataset label that is neither positive nor ignored is negative;
+              negatives given: a label in none of the three lists is unknown and left out, as in Open Images)
+dataset.json  dataset name, root, clip spec, random_weights, labels (all), splits {name: [labels]},
+              images (rows embedded), failures (images skipped)
 failures.parquet  image_id, path, error   (images that could not be read; never embedded)
 """
 
@@ -35,6 +37,14 @@ def write_index(path: Path, vectors: np.ndarray) -> None:
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     atomic.write_bytes(path, faiss.serialize_index(index).tobytes())
+
+
+def write_image_cache(directory: Path, vectors: np.ndarray, items: pa.Table, failures: pa.Table, info: dict) -> None:
+    """Every file atomically and the index last, so a directory holding an index is complete."""
+    atomic.write_parquet(directory / "items.parquet", items.cast(ITEMS_SCHEMA))
+    atomic.write_parquet(directory / "failures.parquet", failures.cast(FAILURES_SCHEMA))
+    atomic.write_json(directory / "dataset.json", info)
+    write_index(directory / "index.faiss", vectors)
 
 
 def read_index(path: Path) -> np.ndarray:

@@ -1,13 +1,31 @@
-"""embed-images: CLIP image embeddings of a dataset -> images/<dataset>/ (FAISS index + items)."""
+"""embed-images: CLIP image embeddings of a dataset -> images/<dataset>/ (FAISS index + items).
+
+Each batch lands in its own chunk file under images/<dataset>/chunks/ as soon as it is embedded, so a
+killed run loses at most one batch; the last step assembles the cache and drops the chunks.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.errors import NotImplementedYet
-from pipeline.rundir import StageOutcome
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from pipeline import atomic
+from pipeline.clip import load_clip
+from pipeline.datasets import Dataset, Record, read_dataset
+from pipeline.errors import OvmlError
+from pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
+from pipeline.rundir import RunDir, StageOutcome, run_stage
 
 DATASETS = Literal["nuswide", "openimages", "coco2014", "voc2007", "fashion-mnist", "folder"]
 
@@ -27,4 +45,140 @@ class EmbedImagesConfig:
 
 
 def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
-    raise NotImplementedYet("embed-images")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise OvmlError(f"--limit must be at least 1, got {cfg.limit}")
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise OvmlError(f"--batch-size must be >= 1 and --workers >= 0, got {cfg.batch_size} and {cfg.workers}")
+    dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
+    if not dataset.records:
+        raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
+    run_dir = RunDir(cfg.run_dir)
+    params = {"dataset": dataset.name, "root": str(dataset.root), "limit": cfg.limit, "clip": cfg.clip,
+              "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
+    output = f"images/{dataset.name}"
+    return run_stage(
+        run_dir, "embed_images", params=params,
+        # The annotation files define the dataset; hashing every image on each run would cost about as
+        # much as embedding it, so an image edited in place needs --force.
+        inputs=dataset.annotation_files,
+        outputs=[output],
+        body=lambda resume: _embed(cfg, dataset, run_dir / output, resume),
+        force=cfg.force, models={"clip": cfg.clip},
+    )
+
+
+def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bool) -> dict:
+    encoder = load_clip(cfg.clip, cfg.device)
+    records = dataset.records[:cfg.limit]
+    chunks = directory / "chunks"
+    done = _done_rows(chunks) if resume else set()
+    todo = [row for row in range(len(records)) if row not in done]
+    loader = torch.utils.data.DataLoader(
+        _Pixels(records, todo, encoder.preprocess), batch_size=cfg.batch_size, num_workers=cfg.workers,
+        collate_fn=_collate,
+    )
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task(f"embed-images {dataset.name}", total=len(records), completed=len(done))
+        for rows, pixels, errors in loader:
+            vectors = encoder.encode_image_batch(pixels) if pixels is not None else None
+            atomic.write_parquet(chunks / f"chunk-{rows[0]:09d}.parquet",
+                                 _chunk_table(rows, vectors, errors, encoder.dim))
+            progress.advance(task, len(rows))
+    seconds = time.perf_counter() - started
+
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(chunks.glob("chunk-*.parquet"))).sort_by("row")
+    if table["row"].to_pylist() != list(range(len(records))):
+        raise RuntimeError(f"chunks under {chunks} do not cover rows 0..{len(records) - 1} exactly once")
+    ok = table.filter(pc.is_null(table["error"]))
+    failed = table.filter(pc.is_valid(table["error"]))
+    vectors = ok["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ok), encoder.dim)
+    kept = [records[row] for row in ok["row"].to_pylist()]
+    write_image_cache(directory, vectors, _items_table(kept), _failures_table(records, failed), {
+        "dataset": dataset.name, "root": str(dataset.root), "clip": cfg.clip,
+        "random_weights": encoder.random_weights, "labels": dataset.labels, "splits": dataset.splits,
+        "images": len(kept), "failures": len(failed),
+    })
+    for chunk in chunks.glob("chunk-*.parquet"):
+        chunk.unlink()
+    chunks.rmdir()
+    summary = {"dataset": dataset.name, "images": len(kept), "failures": len(failed), "reused": len(done)}
+    if todo:
+        summary["images_per_s"] = round(len(todo) / seconds, 2)
+    return summary
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Rows still to embed -> (row, preprocessed pixels or None, error or None); a bad image never raises."""
+
+    def __init__(self, records: list[Record], rows: list[int], preprocess):
+        self.records, self.rows, self.preprocess = records, rows, preprocess
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        try:
+            return row, self.preprocess(self.records[row].open_image()), None
+        except Exception as e:  # noqa: BLE001 - missing, corrupt, truncated, undecodable: all are failures to record
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return row, None, f"{type(e).__name__}: {message}"[:300]
+
+
+def _collate(items):
+    """(rows, stacked pixels of the readable images or None, {row: error}), in row order."""
+    rows = [row for row, _, _ in items]
+    readable = [pixels for _, pixels, _ in items if pixels is not None]
+    errors = {row: error for row, _, error in items if error is not None}
+    return rows, (torch.stack(readable) if readable else None), errors
+
+
+def _chunk_table(rows: list[int], vectors: np.ndarray | None, errors: dict[int, str], dim: int) -> pa.Table:
+    embeddings, next_vector = [], 0
+    for row in rows:
+        if row in errors:
+            embeddings.append(None)
+        else:
+            embeddings.append(vectors[next_vector])
+            next_vector += 1
+    return pa.table({
+        "row": pa.array(rows, pa.int64()),
+        "error": pa.array([errors.get(row) for row in rows], pa.string()),
+        "embedding": pa.array(embeddings, pa.list_(pa.float32(), dim)),
+    })
+
+
+def _done_rows(chunks: Path) -> set[int]:
+    return {row for p in chunks.glob("chunk-*.parquet") for row in pq.read_table(p, columns=["row"])["row"].to_pylist()}
+
+
+def _items_table(records: list[Record]) -> pa.Table:
+    return pa.table({
+        "row": pa.array(range(len(records)), pa.int64()),
+        "image_id": [r.image_id for r in records],
+        "path": [r.path for r in records],
+        "positives": pa.array([list(r.positives) for r in records], pa.list_(pa.string())),
+        "negatives": pa.array([None if r.negatives is None else list(r.negatives) for r in records],
+                              pa.list_(pa.string())),
+        "ignored": pa.array([list(r.ignored) for r in records], pa.list_(pa.string())),
+    }, schema=ITEMS_SCHEMA)
+
+
+def _failures_table(records: list[Record], failed: pa.Table) -> pa.Table:
+    rows = failed["row"].to_pylist()
+    return pa.table({
+        "image_id": [records[row].image_id for row in rows],
+        "path": [records[row].path for row in rows],
+        "error": failed["error"],
+    }, schema=FAILURES_SCHEMA)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.finished_speed or task.speed or 0:.1f} images/s", style="progress.data.speed")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True))

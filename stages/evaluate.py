@@ -1,12 +1,38 @@
-"""eval: adapter vs zero-shot CLIP on a cached dataset, with the published protocols -> eval/<dataset>/."""
+"""eval: adapter vs zero-shot CLIP on a cached dataset, with the published protocols -> eval/<dataset>/.
+
+Both methods score the same cached image vectors against the same prompt-pool label embeddings, so the
+report compares the adapter and zero-shot CLIP and nothing else. Protocols, by dataset:
+  nuswide     ZSL = the 81 unseen concepts, GZSL = all 1006 labels; mAP, F1@3, F1@5
+  openimages  ZSL = the top-400 unseen classes, GZSL = all classes; mAP, F1@10, F1@20
+  others      all labels; mAP, F1@3
+In the zero-shot protocols (nuswide, openimages) an image counts only if it has a positive among the
+protocol's labels, as in the papers; elsewhere every image counts.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.errors import NotImplementedYet
-from pipeline.rundir import StageOutcome
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline import atomic
+from pipeline.adapter import load_adapter
+from pipeline.clip import load_clip
+from pipeline.datasets import LAYOUTS
+from pipeline.errors import OvmlError
+from pipeline.image_cache import read_image_cache
+from pipeline.label_embeddings import label_embeddings
+from pipeline.metrics import evaluate_scores, micro_pr_curve
+from pipeline.report import METHODS, eval_markdown, plot_ap_scatter, plot_pr_curves
+from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+
+SCORE_BATCH = 8192
 
 
 @dataclass
@@ -18,5 +44,170 @@ class EvalConfig:
     force: bool = False
 
 
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    split: str
+    ks: tuple[int, ...]
+    images_with_a_positive_only: bool
+
+
+PROTOCOLS = {
+    "nuswide": (Protocol("ZSL", "unseen", (3, 5), True), Protocol("GZSL", "all", (3, 5), True)),
+    "openimages": (Protocol("ZSL", "unseen", (10, 20), True), Protocol("GZSL", "all", (10, 20), True)),
+}
+DEFAULT_PROTOCOLS = (Protocol("all", "all", (3,), False),)
+
+
 def evaluate(cfg: EvalConfig) -> StageOutcome:
-    raise NotImplementedYet("eval")
+    if cfg.dataset not in LAYOUTS:
+        raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(LAYOUTS)}")
+    run_dir = RunDir(cfg.run_dir)
+    cache = f"images/{cfg.dataset}"
+    if not (run_dir / cache / "dataset.json").is_file():
+        raise OvmlError(f"{run_dir / cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} "
+                        f"--root DIR --run-dir {run_dir.path}` first")
+    embedded_with = _read_json(run_dir / cache / "dataset.json")["clip"]
+    if embedded_with != cfg.clip:
+        raise OvmlError(f"{run_dir / cache} was embedded with '{embedded_with}', not '{cfg.clip}'; pass --clip "
+                        f"{embedded_with} or re-run embed-images with --clip {cfg.clip}")
+    run_dir.require("adapter", produced_by="train_adapter")
+    output = f"eval/{cfg.dataset}"
+    return run_stage(
+        run_dir, "eval", params={"dataset": cfg.dataset, "clip": cfg.clip},
+        inputs=files_under(run_dir.path, [cache, "adapter"]), outputs=[output],
+        body=lambda resume: _evaluate(cfg, run_dir, run_dir / cache, run_dir / output),
+        force=cfg.force, models={"clip": cfg.clip},
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[str, Any]:
+    vectors, items, info = read_image_cache(cache)
+    protocols = _protocols(cfg.dataset, info)
+    score_labels = _score_labels(protocols)
+    encoder = load_clip(cfg.clip, cfg.device)
+    label_emb = label_embeddings(encoder, score_labels, cache_dir=run_dir / "labels", name=cfg.dataset)
+    adapter, adapter_config = load_adapter(run_dir / "adapter", cfg.clip, encoder.dim)
+    scores = {"adapter": _adapter_scores(adapter, vectors, label_emb), "zero-shot": vectors @ label_emb.T}
+    positives, ignored = ground_truth(items, score_labels)
+    column = {label: i for i, label in enumerate(score_labels)}
+
+    report: dict[str, Any] = {
+        "dataset": cfg.dataset, "clip": cfg.clip, "random_weights": bool(encoder.random_weights),
+        "images": len(items), "failures": int(info.get("failures", 0)), "adapter": adapter_config, "protocols": {},
+    }
+    per_label = []
+    for protocol, labels in protocols:
+        cols = np.array([column[label] for label in labels])
+        pos, ign = positives[:, cols], ignored[:, cols]
+        rows = np.flatnonzero((pos & ~ign).any(axis=1)) if protocol.images_with_a_positive_only \
+            else np.arange(len(items))
+        pos, ign = pos[rows], ign[rows]
+        metrics, ap, curves = {}, {}, {}
+        for method in METHODS:
+            method_scores = scores[method][np.ix_(rows, cols)]
+            metrics[method], ap[method] = evaluate_scores(method_scores, pos, ign, protocol.ks)
+            curves[method] = micro_pr_curve(method_scores, pos, ign)
+        plots = {"ap": f"ap_{protocol.name}.png", "pr": f"pr_{protocol.name}.png"}
+        title = f"{cfg.dataset} {protocol.name}"
+        plot_ap_scatter(out / plots["ap"], ap["adapter"], ap["zero-shot"], f"{title}: AP per label")
+        plot_pr_curves(out / plots["pr"], curves, f"{title}: micro precision-recall")
+        report["protocols"][protocol.name] = {
+            "labels": labels, "ks": list(protocol.ks), "images": len(rows),
+            "images_with_a_positive_only": protocol.images_with_a_positive_only,
+            "labels_with_positives": int((~np.isnan(ap["adapter"])).sum()),
+            "metrics": {m: {k: _json_float(v) for k, v in values.items()} for m, values in metrics.items()},
+            "plots": plots,
+        }
+        per_label.append(pa.table({
+            "protocol": pa.array([protocol.name] * len(labels), pa.string()),
+            "label": pa.array(labels, pa.string()),
+            "positives": pa.array((pos & ~ign).sum(axis=0), pa.int64()),
+            "ap_adapter": pa.array(ap["adapter"], pa.float64(), from_pandas=True),
+            "ap_zero_shot": pa.array(ap["zero-shot"], pa.float64(), from_pandas=True),
+        }))
+
+    atomic.write_parquet(out / "per_label.parquet", pa.concat_tables(per_label))
+    atomic.write_parquet(out / "scores.parquet", _scores_table(items["image_id"], scores))
+    atomic.write_json(out / "report.json", report)
+    atomic.write_text(out / "report.md", eval_markdown(report))
+    return _summary(report, out)
+
+
+def _protocols(dataset: str, info: dict[str, Any]) -> list[tuple[Protocol, list[str]]]:
+    """The dataset's protocols whose label split the cache has (Open Images may lack the full class list)."""
+    splits = {"all": info["labels"], **info.get("splits", {})}
+    found = [(p, list(splits[p.split])) for p in PROTOCOLS.get(dataset, DEFAULT_PROTOCOLS) if splits.get(p.split)]
+    if not found:
+        raise OvmlError(f"{dataset}'s image cache lists no labels; re-run `ovml embed-images --force`")
+    return found
+
+
+def _score_labels(protocols: list[tuple[Protocol, list[str]]]) -> list[str]:
+    """The largest protocol's labels, then any label only a smaller protocol has: one score column each."""
+    ordered = sorted(protocols, key=lambda pair: -len(pair[1]))
+    return list(dict.fromkeys(label for _, protocol_labels in ordered for label in protocol_labels))
+
+
+def _adapter_scores(adapter: torch.nn.Module, vectors: np.ndarray, label_emb: np.ndarray) -> np.ndarray:
+    labels = torch.from_numpy(np.array(label_emb))  # cached embeddings come back read-only
+    out = np.empty((len(vectors), len(label_emb)), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(vectors), SCORE_BATCH):
+            batch = torch.from_numpy(vectors[start:start + SCORE_BATCH])
+            out[start:start + len(batch)] = adapter(batch, labels).numpy()
+    return out
+
+
+def ground_truth(items: pa.Table, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, ignored) [n_items, n_labels] from items.parquet's label lists, without a per-row loop.
+
+    A row with an explicit negatives list leaves every label in none of its lists unknown, i.e. ignored.
+    """
+    marks = {name: _mark(items[name], labels) for name in ("positives", "negatives", "ignored")}
+    has_negatives = pc.is_valid(items["negatives"]).to_numpy(zero_copy_only=False)
+    unknown = has_negatives[:, None] & ~marks["positives"] & ~marks["negatives"]
+    return marks["positives"], marks["ignored"] | unknown
+
+
+def _mark(column: pa.ChunkedArray, labels: list[str]) -> np.ndarray:
+    lists = column.combine_chunks()
+    rows = pc.list_parent_indices(lists).to_numpy()
+    cols = pc.index_in(pc.list_flatten(lists), value_set=pa.array(labels, pa.string()))
+    cols = cols.fill_null(-1).to_numpy(zero_copy_only=False)
+    known = cols >= 0
+    marked = np.zeros((len(lists), len(labels)), dtype=bool)
+    marked[rows[known], cols[known]] = True
+    return marked
+
+
+def _scores_table(image_ids: pa.ChunkedArray, scores: dict[str, np.ndarray]) -> pa.Table:
+    """One row per image and method; scores in score-label order (the largest protocol's)."""
+    n, n_labels = scores[METHODS[0]].shape
+    values = np.concatenate([scores[m].astype(np.float32).ravel() for m in METHODS])
+    offsets = pa.array(np.arange(0, len(values) + 1, n_labels, dtype=np.int64), pa.int64())
+    return pa.table({
+        "image_id": pa.concat_arrays([image_ids.combine_chunks()] * len(METHODS)),
+        "method": pa.array([m for m in METHODS for _ in range(n)], pa.string()),
+        "scores": pa.LargeListArray.from_arrays(offsets, pa.array(values, pa.float32())).cast(
+            pa.list_(pa.float32())),
+    })
+
+
+def _json_float(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 6)
+
+
+def _summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = {"dataset": report["dataset"], "images": report["images"],
+                               "failures": report["failures"], "report": str(out / "report.md")}
+    if report["random_weights"]:
+        summary["note"] = "CLIP weights were random: cost only, never accuracy"
+    for name, protocol in report["protocols"].items():
+        for metric in ["mAP"] + [f"F1@{k}" for k in protocol["ks"]]:
+            summary[f"{name} {metric}"] = {m: protocol["metrics"][m][metric] for m in METHODS}
+    return summary

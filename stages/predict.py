@@ -1,11 +1,26 @@
-"""predict: open-vocabulary labels for images, with the trained adapter or zero-shot CLIP."""
+"""predict: open-vocabulary labels for images, with the trained adapter or zero-shot CLIP.
+
+Not a pipeline stage: it reads the adapter and caches label embeddings in the run dir, but writes no
+artifact of its own. Adapter scores are sigmoid(logit) (the adapter is trained as a multi-label
+classifier); zero-shot scores are the cosine of image and label embeddings.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import NotImplementedYet
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.adapter import load_adapter
+from pipeline.clip import load_clip
+from pipeline.errors import OvmlError
+from pipeline.label_embeddings import label_embeddings
+from pipeline.rundir import RunDir
+
+IMAGE_BATCH = 32
 
 
 @dataclass
@@ -21,4 +36,59 @@ class PredictConfig:
 
 
 def predict(cfg: PredictConfig) -> list[dict]:
-    raise NotImplementedYet("predict")
+    """Per image, in the order given: {image, method, random_weights, labels: [{label, score}] best first}."""
+    labels = _labels(cfg)
+    if cfg.top_k < 1:
+        raise OvmlError(f"--top-k must be at least 1, got {cfg.top_k}")
+    if not cfg.images:
+        raise OvmlError("no image given; pass one or more image files, e.g. `ovml predict photo.jpg --labels ...`")
+    images = [_open(path) for path in cfg.images]
+    run_dir = RunDir(cfg.run_dir)
+    if not cfg.zero_shot:
+        run_dir.require("adapter", produced_by="train_adapter")
+    encoder = load_clip(cfg.clip, cfg.device)
+    label_emb = label_embeddings(encoder, labels, cache_dir=run_dir / "labels", name="predict")
+    vectors = np.concatenate([
+        encoder.encode_image_batch(torch.stack([encoder.preprocess(image) for image in images[i:i + IMAGE_BATCH]]))
+        for i in range(0, len(images), IMAGE_BATCH)
+    ])
+    if cfg.zero_shot:
+        method, scores = "zero-shot", vectors @ label_emb.T
+    else:
+        adapter, _ = load_adapter(run_dir / "adapter", cfg.clip, encoder.dim)
+        with torch.inference_mode():
+            logits = adapter(torch.from_numpy(vectors), torch.from_numpy(np.array(label_emb)))  # cache is read-only
+        method, scores = "adapter", torch.sigmoid(logits).numpy()
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :cfg.top_k]  # ties -> the label listed first
+    return [
+        {"image": path, "method": method, "random_weights": bool(encoder.random_weights),
+         "labels": [{"label": labels[j], "score": round(float(row_scores[j]), 6)} for j in row_best]}
+        for path, row_scores, row_best in zip(cfg.images, scores, best, strict=True)
+    ]
+
+
+def _labels(cfg: PredictConfig) -> list[str]:
+    """The label list from --labels or --labels-file, in order, without blanks or repeats."""
+    if (cfg.labels is None) == (cfg.labels_file is None):
+        raise OvmlError('pass exactly one of --labels "a,b,c" or --labels-file FILE (one label per line)')
+    if cfg.labels is not None:
+        names = cfg.labels.split(",")
+    else:
+        path = Path(cfg.labels_file)
+        if not path.is_file():
+            raise OvmlError(f"labels file {path} does not exist; pass a text file with one label per line")
+        names = path.read_text(encoding="utf-8").splitlines()
+    labels = list(dict.fromkeys(name.strip() for name in names if name.strip()))
+    if not labels:
+        raise OvmlError("the label list is empty; give at least one label name")
+    return labels
+
+
+def _open(path: str) -> Image.Image:
+    if not Path(path).is_file():
+        raise OvmlError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise OvmlError(f"cannot read image {path} ({type(e).__name__}); pass a readable image file") from None

@@ -1,0 +1,57 @@
+"""embed-images throughput (images/s) with 0 and N DataLoader workers, through the real stage.
+
+Random CLIP weights cost exactly what the pretrained ones do; the numbers say nothing about accuracy.
+
+    .venv/bin/python benchmarks/bench_embed_images.py [--clip ViT-B-32:random] [--images 256] [--workers 0 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.clip import load_clip
+from stages.embed_images import EmbedImagesConfig, embed_images
+
+
+def write_photos(folder: Path, count: int, seed: int = 0) -> Path:
+    """Photo-sized JPEGs (500x375, smooth colour fields like real scenes) and a folder-dataset CSV."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((500, 375), Image.BICUBIC).save(folder / f"{i:04d}.jpg", quality=90)
+        rows.append(f"{i:04d}.jpg,photo\n")
+    (folder / "labels.csv").write_text("path,labels\n" + "".join(rows))
+    return folder / "labels.csv"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clip", default="ViT-B-32:random")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    args = parser.parse_args()
+
+    load_clip(args.clip, "cpu")  # model creation is not part of the throughput
+    print(f"{args.clip}, {args.images} JPEGs 500x375, batch {args.batch_size}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("| loader workers | images/s |\n| --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_file = write_photos(Path(tmp), args.images)
+        for workers in args.workers:
+            outcome = embed_images(EmbedImagesConfig(
+                run_dir=Path(tmp) / "run", clip=args.clip, device="cpu", dataset="folder", root=str(csv_file),
+                batch_size=args.batch_size, workers=workers, force=True))
+            print(f"| {workers} | {outcome.summary['images_per_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

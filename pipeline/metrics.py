@@ -1,0 +1,131 @@
+"""Multi-label ranking metrics as in the zero-shot papers: per-label AP / mAP and F1@K pooled over images.
+
+All functions take scores [n_images, n_labels] (finite floats), positives [n, L] bool and an optional
+ignored [n, L] bool mask (e.g. VOC 'difficult', Open Images 'unknown'). An ignored entry is removed from
+the problem: it is neither a positive nor a negative for AP, and never one of an image's top-K.
+
+Ties: AP treats tied scores as one threshold, exactly like sklearn's average_precision_score (every
+positive of a tie group gets the precision at the end of the group). The top-K of an image breaks ties
+by label order: among equal scores the label with the lower column index is predicted first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_AP_LABELS_PER_CHUNK = 64  # bounds the working set to a few arrays of 64 x n_images
+_F1_IMAGES_PER_CHUNK = 8192
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray, ignored: np.ndarray | None = None) -> np.ndarray:
+    """AP of each label (column); NaN for a label without a positive, so callers can leave it out of mAP.
+
+    AP = mean over positives p of precision at threshold score(p) = #positives >= s / #entries >= s, which
+    is sklearn's step-wise AP with ties grouped. One sort per label plus binary searches for the positives
+    (sparse), instead of an argsort and cumulative sums over every entry.
+    """
+    scores, positives, valid = _checked(scores, positives, ignored)
+    n_labels = scores.shape[1]
+    ap = np.full(n_labels, np.nan)
+    for start in range(0, n_labels, _AP_LABELS_PER_CHUNK):
+        cols = slice(start, start + _AP_LABELS_PER_CHUNK)
+        block = np.ascontiguousarray(scores[:, cols].T)  # one label per row: contiguous for sort and mask
+        block_valid = np.ascontiguousarray(valid[:, cols].T)
+        relevant = np.ascontiguousarray(positives[:, cols].T) & block_valid
+        # scores are finite, so -inf puts ignored entries below every real one, where they count for nothing
+        block_sorted = np.sort(np.where(block_valid, block, -np.inf), axis=1)
+        for row, (ranked, label_scores, hits) in enumerate(zip(block_sorted, block, relevant, strict=True)):
+            positive_scores = np.sort(label_scores[hits])
+            if positive_scores.size:
+                at_or_above = ranked.size - np.searchsorted(ranked, positive_scores, side="left")
+                positives_at_or_above = positive_scores.size - np.searchsorted(
+                    positive_scores, positive_scores, side="left")
+                ap[start + row] = float(np.mean(positives_at_or_above / at_or_above))
+    return ap
+
+
+def mean_average_precision(ap: np.ndarray) -> float:
+    """Mean over the labels that have at least one positive (the others are NaN in `ap`)."""
+    defined = ap[~np.isnan(ap)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def top_k_mask(scores: np.ndarray, k: int, ignored: np.ndarray | None = None) -> np.ndarray:
+    """[n, L] bool: each image's k best labels (ties -> lower label index; ignored entries never chosen)."""
+    scores = np.asarray(scores)
+    n, n_labels = scores.shape
+    k = min(k, n_labels)
+    chosen = np.zeros((n, n_labels), dtype=bool)
+    if k == 0:
+        return chosen
+    for start in range(0, n, _F1_IMAGES_PER_CHUNK):
+        block = scores[start:start + _F1_IMAGES_PER_CHUNK]
+        if ignored is not None:
+            block = np.where(ignored[start:start + _F1_IMAGES_PER_CHUNK], -np.inf, block)
+        kth = np.partition(block, n_labels - k, axis=1)[:, n_labels - k, None]
+        take = block > kth
+        tied = block == kth
+        room = k - take.sum(axis=1)
+        overfull = np.flatnonzero(tied.sum(axis=1) > room)  # rows where the tie at the k-th score must be cut
+        tied[overfull] &= np.cumsum(tied[overfull], axis=1) <= room[overfull, None]
+        take |= tied
+        if ignored is not None:
+            take &= ~ignored[start:start + _F1_IMAGES_PER_CHUNK]
+        chosen[start:start + _F1_IMAGES_PER_CHUNK] = take
+    return chosen
+
+
+def f1_at_k(scores: np.ndarray, positives: np.ndarray, k: int, ignored: np.ndarray | None = None) -> dict[str, float]:
+    """Precision, recall and F1 of the top-k labels of every image, pooled over all images.
+
+    P = hits / (k * images), R = hits / positives, F1 = 2PR / (P + R): the protocol of the NUS-WIDE and
+    Open Images zero-shot papers (Zhang et al. 2016, Huynh & Elhamifar 2020, MKT).
+    """
+    scores, positives, valid = _checked(scores, positives, ignored)
+    relevant = positives & valid
+    hits = int((top_k_mask(scores, k, ~valid) & relevant).sum())
+    n_images, n_labels = scores.shape
+    n_predicted = min(k, n_labels) * n_images
+    precision = hits / n_predicted if n_predicted else 0.0
+    n_relevant = int(relevant.sum())
+    recall = hits / n_relevant if n_relevant else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {f"F1@{k}": f1, f"P@{k}": precision, f"R@{k}": recall}
+
+
+def evaluate_scores(scores: np.ndarray, positives: np.ndarray, ignored: np.ndarray | None,
+                    ks: tuple[int, ...]) -> tuple[dict[str, float], np.ndarray]:
+    """({mAP, F1@K, P@K, R@K for each k}, per-label AP) of one method on one protocol."""
+    ap = average_precision(scores, positives, ignored)
+    metrics = {"mAP": mean_average_precision(ap)}
+    for k in ks:
+        metrics.update(f1_at_k(scores, positives, k, ignored))
+    return metrics, ap
+
+
+def micro_pr_curve(scores: np.ndarray, positives: np.ndarray, ignored: np.ndarray | None = None,
+                   bins: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) over all image-label pairs at `bins` score thresholds: O(n) for the plots."""
+    scores, positives, valid = _checked(scores, positives, ignored)
+    values = scores[valid]
+    if values.size == 0:
+        return np.zeros(0), np.zeros(0)
+    edges = np.linspace(values.min(), values.max(), bins + 1)
+    counted = np.cumsum(np.histogram(values, edges)[0][::-1])
+    true_pos = np.cumsum(np.histogram(scores[positives & valid], edges)[0][::-1])
+    keep = counted > 0
+    n_pos = max(int(true_pos[-1]), 1)
+    return true_pos[keep] / counted[keep], true_pos[keep] / n_pos
+
+
+def _checked(scores, positives, ignored) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scores = np.asarray(scores)
+    positives = np.asarray(positives, dtype=bool)
+    if scores.ndim != 2 or positives.shape != scores.shape:
+        raise ValueError(f"scores {scores.shape} and positives {positives.shape} must be the same [n, L] shape")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    valid = np.ones(scores.shape, dtype=bool) if ignored is None else ~np.asarray(ignored, dtype=bool)
+    if valid.shape != scores.shape:
+        raise ValueError(f"ignored {valid.shape} must have the shape of scores {scores.shape}")
+    return scores, positives, valid

@@ -1,0 +1,96 @@
+"""How results look to people: the eval report in Markdown, its PNG plots, and predict's table or JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import atomic
+
+METHODS = ("adapter", "zero-shot")
+RANDOM_WEIGHTS_NOTE = "CLIP weights were random: these numbers measure cost only, never accuracy."
+
+
+def eval_markdown(report: dict[str, Any]) -> str:
+    """report.json as a page: the random-weights warning first, then a method x metric table per protocol."""
+    lines = [f"> **{RANDOM_WEIGHTS_NOTE}**", ""] if report["random_weights"] else []
+    lines += [f"# ovml eval: {report['dataset']}", ""]
+    for name, protocol in report["protocols"].items():
+        columns = list(protocol["metrics"][METHODS[0]])
+        lines += [f"## {name} ({len(protocol['labels'])} labels, {protocol['images']} images), in %", "",
+                  "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for method in METHODS:
+            values = protocol["metrics"][method]
+            lines.append(f"| {method} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
+        lines += ["", f"![per-label AP]({protocol['plots']['ap']}) ![precision-recall]({protocol['plots']['pr']})",
+                  ""]
+    lines += ["## Data", "",
+              f"- images scored: {report['images']}",
+              f"- images that could not be read (skipped by embed-images): {report['failures']}"]
+    for name, protocol in report["protocols"].items():
+        rule = " (only images with a positive among its labels, as in the papers)" \
+            if protocol["images_with_a_positive_only"] else ""
+        lines.append(f"- {name}: {protocol['images']} images scored{rule}; "
+                     f"{protocol['labels_with_positives']} of {len(protocol['labels'])} labels have a positive")
+    lines += ["", "## CLIP", "", f"- spec: `{report['clip']}`", f"- random weights: {report['random_weights']}",
+              "", "## Adapter", "", "```json", json.dumps(report["adapter"], indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or np.isnan(value) else f"{100 * value:.2f}"
+
+
+def plot_ap_scatter(path: Path, ap_adapter: np.ndarray, ap_zero_shot: np.ndarray, title: str) -> None:
+    """One dot per label: above the diagonal the adapter ranks that label better than zero-shot CLIP."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    defined = ~(np.isnan(ap_adapter) | np.isnan(ap_zero_shot))
+    ax.scatter(ap_zero_shot[defined], ap_adapter[defined], s=8, alpha=0.6)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="AP zero-shot CLIP", ylabel="AP adapter", title=title)
+    _save(fig, path)
+
+
+def plot_pr_curves(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    """Micro-averaged precision-recall over every image-label pair, one line per method."""
+    fig = Figure(figsize=(5, 4))
+    ax = fig.add_subplot()
+    for method, (precision, recall) in curves.items():
+        ax.plot(recall, precision, label=method)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="recall", ylabel="precision", title=title)
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+def print_predictions(predictions: list[dict[str, Any]], json_out: bool, console: Console) -> None:
+    """predict's output: one JSON line, or a table with each image's labels best first."""
+    if json_out:
+        print(json.dumps(predictions))
+        return
+    if not predictions:
+        return
+    table = Table(title=f"ovml predict ({predictions[0]['method']})")
+    table.add_column("image", overflow="fold")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    for prediction in predictions:
+        for rank, item in enumerate(prediction["labels"]):
+            table.add_row(prediction["image"] if rank == 0 else "", item["label"], f"{item['score']:.4f}",
+                          end_section=rank == len(prediction["labels"]) - 1)
+    if predictions[0]["random_weights"]:
+        table.caption = "CLIP weights are random: these scores are meaningless."
+    console.print(table)

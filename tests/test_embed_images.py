@@ -1,0 +1,165 @@
+"""embed-images end to end with the tiny CLIP model on fixtures in each dataset's real layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_datasets import (
+    FASHION_CLASSES,
+    coco2014_release,
+    fashion_mnist_release,
+    folder_release,
+    nuswide_release,
+    openimages_release,
+    voc2007_release,
+    write_jpeg,
+)
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.clip import load_clip
+from pipeline.datasets import read_dataset
+from pipeline.errors import OvmlError
+from pipeline.image_cache import read_image_cache
+from stages.embed_images import EmbedImagesConfig, embed_images
+
+
+def config(tmp_path: Path, clip: str, dataset: str, root: Path, **overrides) -> EmbedImagesConfig:
+    values = {"run_dir": tmp_path / "run", "clip": clip, "device": "cpu", "dataset": dataset, "root": str(root),
+              "batch_size": 2, "workers": 0} | overrides
+    return EmbedImagesConfig(**values)
+
+
+def test_folder_cache_holds_the_readable_images_and_lists_the_rest_as_failures(tmp_path, tiny_clip):
+    outcome = embed_images(config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data")))
+    vectors, items, info = read_image_cache(tmp_path / "run" / "images" / "folder")
+    failures = pq.read_table(tmp_path / "run" / "images" / "folder" / "failures.parquet")
+    assert items["image_id"].to_pylist() == ["imgs/a.jpg", "imgs/b.jpg"]
+    assert sorted(failures["image_id"].to_pylist()) == ["imgs/broken.jpg", "imgs/missing.jpg"]
+    assert all(failures["error"].to_pylist())
+    assert vectors.shape == (2, load_clip(tiny_clip, "cpu").dim)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert (outcome.summary["images"], outcome.summary["failures"]) == (2, 2)
+    assert (info["images"], info["failures"], info["labels"]) == (2, 2, ["cat", "dog", "sky"])
+
+
+def test_each_index_row_is_the_embedding_of_its_items_row(tmp_path, tiny_clip):
+    csv_file = folder_release(tmp_path / "data")
+    embed_images(config(tmp_path, tiny_clip, "folder", csv_file, batch_size=3))
+    vectors, items, _ = read_image_cache(tmp_path / "run" / "images" / "folder")
+    encoder = load_clip(tiny_clip, "cpu")
+    records = {r.image_id: r for r in read_dataset("folder", csv_file).records}
+    for row, image_id in enumerate(items["image_id"].to_pylist()):
+        expected = encoder.encode_image_batch(encoder.preprocess(records[image_id].open_image())[None])[0]
+        assert np.allclose(vectors[row], expected, atol=1e-5)
+
+
+def test_dataset_json_records_what_eval_needs(tmp_path, tiny_clip):
+    embed_images(config(tmp_path, tiny_clip, "voc2007", voc2007_release(tmp_path / "voc")))
+    info = json.loads((tmp_path / "run" / "images" / "voc2007" / "dataset.json").read_text())
+    assert {"dataset", "root", "clip", "random_weights", "labels", "splits", "images", "failures"} <= set(info)
+    assert (info["dataset"], info["clip"], info["random_weights"]) == ("voc2007", tiny_clip, True)
+    assert info["splits"] == {"all": info["labels"]} and len(info["labels"]) == 20
+
+
+def test_voc_items_keep_negatives_and_difficult_labels_and_the_corrupt_image_is_a_failure(tmp_path, tiny_clip):
+    root = voc2007_release(tmp_path / "voc")
+    outcome = embed_images(config(tmp_path, tiny_clip, "voc2007", root))
+    _, items, _ = read_image_cache(tmp_path / "run" / "images" / "voc2007")
+    expected = {r.image_id: r for r in read_dataset("voc2007", root).records}
+    for item in items.to_pylist():
+        record = expected[item["image_id"]]
+        assert (item["positives"], item["negatives"], item["ignored"]) == (
+            list(record.positives), list(record.negatives), list(record.ignored))
+    assert outcome.summary["failures"] == 1
+    assert pq.read_table(tmp_path / "run" / "images" / "voc2007" / "failures.parquet")["image_id"].to_pylist() == [
+        "000004"]
+
+
+def test_fashion_mnist_mosaics_embed_through_loader_workers(tmp_path, tiny_clip):
+    root = fashion_mnist_release(tmp_path / "fm", FASHION_CLASSES)
+    outcome = embed_images(config(tmp_path, tiny_clip, "fashion-mnist", root, mosaic=2, workers=2))
+    vectors, items, _ = read_image_cache(tmp_path / "run" / "images" / "fashion-mnist")
+    assert len(vectors) == len(items) == len(FASHION_CLASSES) // 4 == outcome.summary["images"]
+    assert items["path"].to_pylist()[1] == "t10k-images-idx3-ubyte#mosaic-000001"
+    assert not (tmp_path / "run" / "images" / "fashion-mnist" / "chunks").exists()
+
+
+def test_limit_embeds_only_the_first_n_images(tmp_path, tiny_clip):
+    outcome = embed_images(config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data"), limit=3))
+    _, items, _ = read_image_cache(tmp_path / "run" / "images" / "folder")
+    failures = pq.read_table(tmp_path / "run" / "images" / "folder" / "failures.parquet")
+    assert items["image_id"].to_pylist() + failures["image_id"].to_pylist() == [
+        "imgs/a.jpg", "imgs/b.jpg", "imgs/broken.jpg"]
+    assert outcome.summary["images"] + outcome.summary["failures"] == 3
+
+
+def test_second_run_with_the_same_inputs_is_skipped(tmp_path, tiny_clip):
+    cfg = config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data"))
+    embed_images(cfg)
+    assert embed_images(cfg).status == "skipped"
+
+
+def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_clip):
+    """A FIFO in place of the 4th image blocks the run there; Ctrl-C (SIGINT) then interrupts it for real."""
+    data = tmp_path / "data"
+    for i in range(5):
+        write_jpeg(data / f"{i}.jpg", 30 * i)
+    (data / "3.jpg").unlink()
+    os.mkfifo(data / "3.jpg")
+    (data / "labels.csv").write_text("path,labels\n" + "".join(f"{i}.jpg,l{i}\n" for i in range(5)))
+    cfg = config(tmp_path, tiny_clip, "folder", data / "labels.csv", batch_size=1)
+    chunks = tmp_path / "run" / "images" / "folder" / "chunks"
+
+    def interrupt_when_blocked():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(chunks.glob("chunk-*.parquet"))) < 3:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_blocked, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        embed_images(cfg)
+    assert len(list(chunks.glob("chunk-*.parquet"))) == 3
+    (data / "3.jpg").unlink()
+    write_jpeg(data / "3.jpg", 99)
+
+    outcome = embed_images(cfg)
+    _, items, _ = read_image_cache(tmp_path / "run" / "images" / "folder")
+    assert outcome.reason == "resuming an interrupted run"
+    assert outcome.summary["reused"] == 3
+    assert items["image_id"].to_pylist() == [f"{i}.jpg" for i in range(5)]
+    assert not chunks.exists()
+
+
+def test_non_positive_limit_is_a_user_error(tmp_path, tiny_clip):
+    with pytest.raises(OvmlError, match="--limit"):
+        embed_images(config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data"), limit=0))
+
+
+def test_cli_reports_a_wrong_layout_in_one_line_with_exit_code_2(tmp_path, tiny_clip):
+    result = CliRunner().invoke(app, ["embed-images", "--dataset", "voc2007", "--root", str(tmp_path),
+                                      "--clip", tiny_clip, "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "aeroplane_test.txt is missing" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("dataset, release", [("nuswide", nuswide_release), ("openimages", openimages_release),
+                                               ("coco2014", coco2014_release)])
+def test_every_release_layout_embeds_with_its_corrupt_image_counted_as_a_failure(tmp_path, tiny_clip, dataset,
+                                                                                   release):
+    root = release(tmp_path / dataset)
+    outcome = embed_images(config(tmp_path, tiny_clip, dataset, root))
+    _, items, info = read_image_cache(tmp_path / "run" / "images" / dataset)
+    assert outcome.summary["failures"] == 1
+    assert len(items) == len(read_dataset(dataset, root).records) - 1 == info["images"]

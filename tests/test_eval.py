@@ -1,0 +1,257 @@
+"""`ovml eval`: adapter vs zero-shot CLIP on an image cache, per published protocol, into eval/<dataset>/."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import atomic
+from pipeline.adapter import ARCHITECTURE, Adapter, save_adapter
+from pipeline.clip import load_clip
+from pipeline.errors import OvmlError
+from pipeline.image_cache import ITEMS_SCHEMA, write_index
+from pipeline.label_embeddings import label_embeddings
+from pipeline.metrics import average_precision
+from stages.evaluate import EvalConfig, evaluate, ground_truth
+
+NUSWIDE_LABELS = ["sky", "dog", "beach", "car", "tree", "boat", "snow", "person"]
+UNSEEN = ["beach", "snow", "boat"]
+
+
+def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=None, ignored=None, seed=0):
+    """images/<dataset>/ as embed-images writes it; each image vector leans towards its positives' embeddings."""
+    encoder = load_clip(clip)
+    label_emb = label_embeddings(encoder, labels, cache_dir=run_dir / "labels", name=dataset)  # eval reuses it
+    rng = np.random.default_rng(seed)
+    vectors = positives.astype(np.float32) @ label_emb + 0.5 * rng.standard_normal((len(positives), encoder.dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    names = np.array(labels)
+    directory = run_dir / "images" / dataset
+    write_index(directory / "index.faiss", vectors)
+    atomic.write_parquet(directory / "items.parquet", pa.Table.from_pylist([
+        {"row": i, "image_id": f"img{i:03d}", "path": f"/data/img{i:03d}.jpg",
+         "positives": list(names[row]), "negatives": None if negatives is None else negatives[i],
+         "ignored": [] if ignored is None else ignored[i]}
+        for i, row in enumerate(positives)
+    ], schema=ITEMS_SCHEMA))
+    atomic.write_json(directory / "dataset.json", {
+        "dataset": dataset, "root": "/data", "clip": clip, "random_weights": encoder.random_weights,
+        "labels": labels, "splits": splits, "images": len(positives), "failures": 1,
+    })
+    return vectors
+
+
+def build_adapter(run_dir, clip, seed=0, trained=True):
+    """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layer."""
+    dim = load_clip(clip).dim
+    torch.manual_seed(seed)
+    model = Adapter(dim, hidden=16, dropout=0.0)
+    if trained:
+        torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
+    save_adapter(run_dir / "adapter", model, {
+        "architecture": {"name": ARCHITECTURE, "hidden": 16, "dropout": 0.0, "alpha": 0.5, "head": "cosine",
+                         "scale": 20.0},
+        "dim": dim, "clip": clip, "noise": 0.04, "seed": seed,
+    })
+
+
+def nuswide_positives(n=40, seed=0):
+    positives = np.random.default_rng(seed).random((n, len(NUSWIDE_LABELS))) < 0.3
+    positives[0] = False  # an image with no label at all
+    positives[1] = [label not in UNSEEN for label in NUSWIDE_LABELS]  # seen labels only
+    return positives
+
+
+@pytest.fixture
+def nuswide_run(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    positives = nuswide_positives()
+    build_cache(run_dir, tiny_clip, "nuswide", NUSWIDE_LABELS,
+                {"seen": [x for x in NUSWIDE_LABELS if x not in UNSEEN], "unseen": UNSEEN, "all": NUSWIDE_LABELS},
+                positives)
+    build_adapter(run_dir, tiny_clip)
+    return run_dir, positives
+
+
+def run_eval(run_dir, clip, dataset="nuswide", **kwargs):
+    return evaluate(EvalConfig(run_dir=run_dir, clip=clip, device="cpu", dataset=dataset, **kwargs))
+
+
+def test_report_json_has_the_documented_schema(nuswide_run, tiny_clip):
+    run_dir, positives = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    report = json.loads((run_dir / "eval/nuswide/report.json").read_text())
+    assert report["dataset"] == "nuswide" and report["clip"] == tiny_clip
+    assert report["random_weights"] is True
+    assert report["images"] == len(positives) and report["failures"] == 1
+    assert set(report["protocols"]) == {"ZSL", "GZSL"}
+    for protocol in report["protocols"].values():
+        assert set(protocol["metrics"]) == {"adapter", "zero-shot"}
+        for metrics in protocol["metrics"].values():
+            assert set(metrics) == {"mAP", "F1@3", "P@3", "R@3", "F1@5", "P@5", "R@5"}
+            assert all(0 <= v <= 1 for v in metrics.values())
+
+
+def test_nuswide_zsl_ranks_the_unseen_labels_and_gzsl_all(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    protocols = json.loads((run_dir / "eval/nuswide/report.json").read_text())["protocols"]
+    assert protocols["ZSL"]["labels"] == UNSEEN
+    assert protocols["GZSL"]["labels"] == NUSWIDE_LABELS
+
+
+def test_zero_shot_protocols_count_only_images_with_a_positive(nuswide_run, tiny_clip):
+    run_dir, positives = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    protocols = json.loads((run_dir / "eval/nuswide/report.json").read_text())["protocols"]
+    unseen_columns = [NUSWIDE_LABELS.index(x) for x in UNSEEN]
+    assert protocols["ZSL"]["images"] == int(positives[:, unseen_columns].any(axis=1).sum())
+    assert protocols["GZSL"]["images"] == int(positives.any(axis=1).sum())
+
+
+def test_report_md_starts_by_saying_the_clip_weights_were_random(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    markdown = (run_dir / "eval/nuswide/report.md").read_text()
+    assert "CLIP weights were random" in markdown.splitlines()[0]
+    assert tiny_clip in markdown and "| adapter |" in markdown and "| zero-shot |" in markdown
+
+
+def test_scores_parquet_has_a_row_per_image_and_method_in_the_largest_protocol_order(nuswide_run, tiny_clip):
+    run_dir, positives = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    scores = pq.read_table(run_dir / "eval/nuswide/scores.parquet")
+    assert scores.schema.field("scores").type == pa.list_(pa.float32())
+    assert scores.num_rows == 2 * len(positives)
+    assert sorted(set(scores["method"].to_pylist())) == ["adapter", "zero-shot"]
+    assert {len(s) for s in scores["scores"].to_pylist()} == {len(NUSWIDE_LABELS)}
+
+
+def test_zero_shot_scores_are_cosines_of_image_and_prompt_pool_label_embeddings(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    labels = ["cat", "dog", "bird"]
+    vectors = build_cache(run_dir, tiny_clip, "folder", labels, {"all": labels}, np.eye(3, dtype=bool)[[0, 1, 2, 0]])
+    build_adapter(run_dir, tiny_clip)
+    run_eval(run_dir, tiny_clip, dataset="folder")
+    scores = pq.read_table(run_dir / "eval/folder/scores.parquet").to_pylist()
+    zero_shot = np.array([row["scores"] for row in scores if row["method"] == "zero-shot"])
+    expected = vectors @ label_embeddings(load_clip(tiny_clip), labels).T
+    np.testing.assert_allclose(zero_shot, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_label_ap_matches_the_metrics_on_the_scores(nuswide_run, tiny_clip):
+    run_dir, positives = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    per_label = pq.read_table(run_dir / "eval/nuswide/per_label.parquet").to_pylist()
+    scores = pq.read_table(run_dir / "eval/nuswide/scores.parquet").to_pylist()
+    adapter = np.array([row["scores"] for row in scores if row["method"] == "adapter"])
+    rows = positives.any(axis=1)
+    expected = average_precision(adapter[rows], positives[rows])
+    gzsl = [row["ap_adapter"] for row in per_label if row["protocol"] == "GZSL"]
+    np.testing.assert_allclose(gzsl, expected, rtol=1e-5)
+    assert {row["protocol"] for row in per_label} == {"ZSL", "GZSL"}
+
+
+def test_an_untrained_adapter_scores_exactly_like_zero_shot(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    build_cache(run_dir, tiny_clip, "coco2014", NUSWIDE_LABELS, {"all": NUSWIDE_LABELS}, nuswide_positives())
+    build_adapter(run_dir, tiny_clip, trained=False)
+    run_eval(run_dir, tiny_clip, dataset="coco2014")
+    metrics = json.loads((run_dir / "eval/coco2014/report.json").read_text())["protocols"]["all"]["metrics"]
+    assert metrics["adapter"] == metrics["zero-shot"]
+    assert set(metrics["adapter"]) == {"mAP", "F1@3", "P@3", "R@3"}
+
+
+def test_plots_are_png_files(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    plots = sorted(p.name for p in (run_dir / "eval/nuswide").glob("*.png"))
+    assert plots == ["ap_GZSL.png", "ap_ZSL.png", "pr_GZSL.png", "pr_ZSL.png"]
+    assert all((run_dir / "eval/nuswide" / p).read_bytes().startswith(b"\x89PNG") for p in plots)
+
+
+def test_summary_carries_the_key_metrics_of_both_methods(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    summary = run_eval(run_dir, tiny_clip).summary
+    for key in ("ZSL mAP", "ZSL F1@3", "ZSL F1@5", "GZSL mAP", "GZSL F1@3", "GZSL F1@5"):
+        assert set(summary[key]) == {"adapter", "zero-shot"}
+
+
+def test_eval_is_skipped_when_nothing_changed_and_reruns_when_the_adapter_changes(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    assert run_eval(run_dir, tiny_clip).status == "ran"
+    assert run_eval(run_dir, tiny_clip).status == "skipped"
+    build_adapter(run_dir, tiny_clip, seed=1)
+    assert run_eval(run_dir, tiny_clip).status == "ran"
+
+
+def test_eval_twice_writes_identical_reports(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    first = {p.name: p.read_bytes() for p in (run_dir / "eval/nuswide").iterdir()}
+    run_eval(run_dir, tiny_clip, force=True)
+    assert {p.name: p.read_bytes() for p in (run_dir / "eval/nuswide").iterdir()} == first
+
+
+def test_open_images_unknown_labels_are_ignored():
+    items = pa.Table.from_pylist([
+        {"row": 0, "image_id": "a", "path": "a.jpg", "positives": ["cat"], "negatives": ["dog"], "ignored": []},
+        {"row": 1, "image_id": "b", "path": "b.jpg", "positives": ["dog"], "negatives": None, "ignored": ["bird"]},
+    ], schema=ITEMS_SCHEMA)
+    positives, ignored = ground_truth(items, ["cat", "dog", "bird"])
+    assert positives.tolist() == [[True, False, False], [False, True, False]]
+    assert ignored.tolist() == [[False, False, True], [False, False, True]]
+
+
+def test_missing_image_cache_says_to_run_embed_images(tmp_path, tiny_clip):
+    with pytest.raises(OvmlError, match="run `ovml embed-images --dataset voc2007"):
+        run_eval(tmp_path / "run", tiny_clip, dataset="voc2007")
+
+
+def test_missing_adapter_says_to_run_train_adapter(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    build_cache(run_dir, tiny_clip, "folder", ["cat", "dog"], {"all": ["cat", "dog"]}, np.eye(2, dtype=bool))
+    with pytest.raises(OvmlError, match="ovml train-adapter"):
+        run_eval(run_dir, tiny_clip, dataset="folder")
+
+
+def test_unknown_dataset_is_named(tmp_path, tiny_clip):
+    with pytest.raises(OvmlError, match="unknown dataset 'imagenet'"):
+        run_eval(tmp_path / "run", tiny_clip, dataset="imagenet")
+
+
+def test_cache_embedded_with_another_clip_is_refused(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    with pytest.raises(OvmlError, match=f"embedded with '{tiny_clip}', not 'ovml-tiny:random'"):
+        run_eval(run_dir, "ovml-tiny:random")
+
+
+def test_eval_after_embed_images_counts_the_unreadable_image(tmp_path, tiny_clip):
+    from PIL import Image
+
+    from stages.embed_images import EmbedImagesConfig, embed_images
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["path,labels"]
+    for i, labels in enumerate(["cat|sofa", "dog", "cat", "dog|sofa", "sofa"]):
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+        rows.append(f"{i}.jpg,{labels}")
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    rows.append("broken.jpg,cat")
+    (photos / "labels.csv").write_text("\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    embed_images(EmbedImagesConfig(run_dir=run_dir, clip=tiny_clip, device="cpu", dataset="folder",
+                                   root=str(photos / "labels.csv"), workers=0))
+    build_adapter(run_dir, tiny_clip)
+    summary = run_eval(run_dir, tiny_clip, dataset="folder").summary
+    report = json.loads((run_dir / "eval/folder/report.json").read_text())
+    assert (report["images"], report["failures"]) == (5, 1)
+    assert report["protocols"]["all"]["labels"] == ["cat", "dog", "sofa"]
+    assert set(summary["all mAP"]) == {"adapter", "zero-shot"}

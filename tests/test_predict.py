@@ -1,0 +1,134 @@
+"""`ovml predict`: top labels per image for any label list, as a table or JSON, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.adapter import ARCHITECTURE, Adapter, save_adapter
+from pipeline.clip import load_clip
+
+LABELS = "cat,dog,beach,snow,car"
+
+
+def write_adapter(run_dir, clip, trained=True):
+    """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layer."""
+    dim = load_clip(clip).dim
+    torch.manual_seed(0)
+    model = Adapter(dim, hidden=16, dropout=0.0)
+    if trained:
+        torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
+    save_adapter(run_dir / "adapter", model, {
+        "architecture": {"name": ARCHITECTURE, "hidden": 16, "dropout": 0.0, "alpha": 0.5, "head": "cosine",
+                         "scale": 20.0},
+        "dim": dim, "clip": clip,
+    })
+
+
+@pytest.fixture
+def photos(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"photo{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    write_adapter(run_dir, tiny_clip)
+    return run_dir
+
+
+def ovml_predict(*args):
+    return CliRunner().invoke(app, ["predict", *map(str, args)])
+
+
+def test_json_lists_top_k_labels_per_image_best_first(photos, run_dir, tiny_clip):
+    result = ovml_predict(*photos, "--labels", LABELS, "--top-k", 3, "--json", "--run-dir", run_dir,
+                          "--clip", tiny_clip)
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)
+    assert [p["image"] for p in predictions] == photos
+    for prediction in predictions:
+        assert prediction["method"] == "adapter" and prediction["random_weights"] is True
+        scores = [item["score"] for item in prediction["labels"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert all(0 <= s <= 1 for s in scores)
+        assert {item["label"] for item in prediction["labels"]} <= set(LABELS.split(","))
+
+
+def test_table_shows_each_image_and_its_labels(photos, run_dir, tiny_clip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["photo0.jpg", "--labels", LABELS, "--top-k", 2, "--run-dir", run_dir, "--clip", tiny_clip]
+    result = ovml_predict(*common)
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(ovml_predict(*common, "--json").stdout)
+    assert "photo0.jpg" in result.stdout and "CLIP weights are random" in result.stdout
+    for item in predictions[0]["labels"]:
+        assert item["label"] in result.stdout and f"{item['score']:.4f}" in result.stdout
+
+
+def test_zero_shot_needs_no_adapter_and_scores_are_cosines(photos, tmp_path, tiny_clip):
+    result = ovml_predict(photos[0], "--labels", LABELS, "--zero-shot", "--json", "--run-dir", tmp_path / "empty",
+                          "--clip", tiny_clip)
+    assert result.exit_code == 0, result.output
+    (prediction,) = json.loads(result.stdout)
+    assert prediction["method"] == "zero-shot"
+    assert all(-1 <= item["score"] <= 1 for item in prediction["labels"])
+
+
+def test_untrained_adapter_ranks_labels_like_zero_shot(photos, tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    write_adapter(run_dir, tiny_clip, trained=False)
+    common = ["--labels", LABELS, "--json", "--run-dir", run_dir, "--clip", tiny_clip]
+    adapter = json.loads(ovml_predict(*photos, *common).stdout)
+    zero_shot = json.loads(ovml_predict(*photos, *common, "--zero-shot").stdout)
+    for a, z in zip(adapter, zero_shot, strict=True):
+        assert [i["label"] for i in a["labels"]] == [i["label"] for i in z["labels"]]
+
+
+def test_labels_file_gives_the_vocabulary(photos, run_dir, tiny_clip, tmp_path):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("tree\n\nriver\n")
+    result = ovml_predict(photos[0], "--labels-file", labels_file, "--json", "--run-dir", run_dir, "--clip", tiny_clip)
+    assert result.exit_code == 0, result.output
+    assert sorted(i["label"] for i in json.loads(result.stdout)[0]["labels"]) == ["river", "tree"]
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_missing_image_is_named(run_dir, tiny_clip, tmp_path):
+    result = ovml_predict(tmp_path / "nope.jpg", "--labels", LABELS, "--run-dir", run_dir, "--clip", tiny_clip)
+    _one_line_error(result, "nope.jpg", "does not exist")
+
+
+def test_corrupt_image_is_named(run_dir, tiny_clip, tmp_path):
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
+    result = ovml_predict(corrupt, "--labels", LABELS, "--run-dir", run_dir, "--clip", tiny_clip)
+    _one_line_error(result, "broken.jpg", "cannot read image")
+
+
+def test_missing_adapter_says_to_run_train_adapter(photos, tmp_path, tiny_clip):
+    result = ovml_predict(photos[0], "--labels", LABELS, "--run-dir", tmp_path / "empty", "--clip", tiny_clip)
+    _one_line_error(result, "ovml train-adapter")
+
+
+def test_labels_are_required(photos, run_dir, tiny_clip):
+    result = ovml_predict(photos[0], "--run-dir", run_dir, "--clip", tiny_clip)
+    _one_line_error(result, "--labels")
