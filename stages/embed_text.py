@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.errors import NotImplementedYet
-from pipeline.rundir import StageOutcome
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from pipeline.clip import autocast_dtype, load_clip, pick_device
+from pipeline.config import as_params
+from pipeline.errors import OvmlError
+from pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
+from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+from pipeline.text_embeddings import text_embedding_parts, write_text_embeddings
+
+CAPTIONS = "captions"
+VOCABULARY = "captions/vocabulary.json"
+TEXT_EMB = "text_emb"
+TRAIN_LABELS = "labels/train.parquet"
+TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a resumed run still totals it
 
 
 @dataclass
@@ -23,4 +42,87 @@ class EmbedTextConfig:
 
 
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
-    raise NotImplementedYet("embed-text")
+    """One text_emb part per captions part (same name), then the training vocabulary's label embeddings."""
+    run_dir = RunDir(cfg.run_dir)
+    captions_dir = run_dir.require(CAPTIONS, produced_by="generate_text")
+    parts = sorted(captions_dir.glob("part-*.parquet"))
+    if not parts:
+        raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
+                        f"run `ovml generate-text --run-dir {run_dir.path}` first")
+    labels = _read_vocabulary(run_dir.require(VOCABULARY, produced_by="generate_text"))
+    if cfg.batch_size < 1:
+        raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
+    autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
+    params = {k: v for k, v in as_params(cfg).items() if k not in ("run_dir", "force", "device")}
+    params["label_templates_sha256"] = templates_digest(cfg.templates)
+    return run_stage(
+        run_dir, "embed_text", params=params, inputs=files_under(run_dir.path, [CAPTIONS]),
+        outputs=[TEXT_EMB, TRAIN_LABELS], body=functools.partial(_embed_all, cfg, run_dir, parts, labels),
+        force=cfg.force, models={"clip": cfg.clip},
+    )
+
+
+def _embed_all(cfg: EmbedTextConfig, run_dir: RunDir, parts: list[Path], labels: list[str],
+               resume: bool) -> dict:
+    """Parts already in text_emb/ were finished by an interrupted attempt with the same fingerprint: kept."""
+    encoder = load_clip(cfg.clip, cfg.device)
+    todo = [p for p in parts if not (run_dir / TEXT_EMB / p.name).exists()]
+    embedded, seconds = 0, 0.0
+    with _progress() as bar:
+        task = bar.add_task("captions", total=sum(pq.ParquetFile(p).metadata.num_rows for p in todo))
+        for part in todo:
+            caption_ids, texts = _read_captions(part)
+            start = time.perf_counter()
+            tokens, truncated = encoder.tokenize(texts)
+            embeddings = encoder.encode_tokens(tokens, cfg.batch_size, precision=cfg.precision,
+                                               progress=lambda n: bar.advance(task, n))
+            seconds += time.perf_counter() - start
+            write_text_embeddings(run_dir / TEXT_EMB / part.name, caption_ids, embeddings, cfg.store_dtype,
+                                  metadata={TRUNCATED_KEY: str(int(truncated.sum())), "clip": cfg.clip})
+            embedded += len(texts)
+        labels_task = bar.add_task("label prompts", total=len(labels) * len(load_templates(cfg.templates)))
+        label_embeddings(encoder, labels, cfg.templates, cache_dir=run_dir / "labels",
+                         name=Path(TRAIN_LABELS).stem, progress=lambda n: bar.advance(labels_task, n))
+    written = [pq.ParquetFile(p) for p in text_embedding_parts(run_dir / TEXT_EMB)]
+    return {
+        "texts": sum(f.metadata.num_rows for f in written),
+        "truncated": sum(int(f.schema_arrow.metadata[TRUNCATED_KEY.encode()]) for f in written),
+        "texts_per_s": round(embedded / seconds, 1) if seconds else None,
+        "resumed_parts": len(parts) - len(todo),
+        "dim": encoder.dim,
+        "store_dtype": cfg.store_dtype,
+        "labels": len(labels),
+    }
+
+
+def _read_vocabulary(path: Path) -> list[str]:
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    except (json.JSONDecodeError, AttributeError):
+        labels = None
+    if not labels or not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise OvmlError(f"{path} has no 'labels' list of strings; re-run `ovml generate-text --force`")
+    return labels
+
+
+def _read_captions(part: Path) -> tuple[list[str], list[str]]:
+    try:
+        table = pq.read_table(part, columns=["caption_id", "text"])
+    except (pa.ArrowInvalid, OSError):
+        raise OvmlError(f"{part} is not a captions part with caption_id and text columns; "
+                        "re-run `ovml generate-text --force`") from None
+    texts = table["text"].to_pylist()
+    if None in texts:
+        raise OvmlError(f"{part} has captions without text; re-run `ovml generate-text --force`")
+    return table["caption_id"].to_pylist(), texts
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} texts/s", style="progress.data.speed")
+
+
+def _progress() -> Progress:
+    """On stderr, so that `ovml run --json` keeps stdout machine-readable."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True))

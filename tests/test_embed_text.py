@@ -1,0 +1,200 @@
+"""The embed-text stage: captions parts in, text_emb parts + labels/train.parquet out; skips, resumes, errors."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.clip import load_clip
+from pipeline.errors import OvmlError
+from pipeline.label_embeddings import label_embeddings
+from pipeline.text_embeddings import read_text_embeddings
+from stages.embed_text import EmbedTextConfig, embed_text
+
+VOCABULARY = ["dog", "beach", "bicycle"]
+PARTS = {
+    "part-00000.parquet": [
+        "a dog",
+        "a dog runs along the beach at sunset while a man on a bicycle waves from the boardwalk",
+        "bicycle",
+    ],
+    "part-00001.parquet": [
+        "a muddy dog shakes itself dry next to a bicycle leaning against a beach hut, splashing a family "
+        "eating sandwiches on striped towels while gulls circle overhead and waves roll in",
+        "beach",
+    ],
+}
+OVERLONG = "a beach with " + "a dog, a bicycle and a red umbrella, " * 15
+
+
+def write_captions(run_dir, parts=PARTS, vocabulary=VOCABULARY):
+    captions = run_dir / "captions"
+    captions.mkdir(parents=True, exist_ok=True)
+    for name, texts in parts.items():
+        n = len(texts)
+        pq.write_table(pa.table({
+            "caption_id": [f"{name[5:10]}-{i}" for i in range(n)], "text": texts,
+            "labels": [["dog"]] * n, "requested": [["dog"]] * n, "prompt_id": ["p0"] * n,
+            "backend": ["llama-cpp"] * n, "model": ["smollm2"] * n, "seed": [0] * n,
+        }), captions / name)
+    (captions / "vocabulary.json").write_text(json.dumps({"labels": vocabulary, "synonyms": {}}))
+
+
+def config(run_dir, clip, **overrides):
+    return EmbedTextConfig(run_dir=run_dir, clip=clip, device="cpu", batch_size=4, templates="single",
+                           **overrides)
+
+
+def open_clip_reference(clip, texts):
+    encoder = load_clip(clip, device="cpu")
+    with torch.inference_mode():
+        return encoder.model.encode_text(encoder.tokenizer(texts), normalize=True).numpy()
+
+
+def test_every_stored_embedding_equals_open_clip_encode_text_of_its_caption(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    for name, texts in PARTS.items():
+        stored = pq.read_table(tmp_path / "text_emb" / name)
+        assert stored["caption_id"].to_pylist() == [f"{name[5:10]}-{i}" for i in range(len(texts))]
+        np.testing.assert_allclose(np.array(stored["embedding"].to_pylist(), dtype=np.float32),
+                                   open_clip_reference(tiny_clip, texts), atol=1e-5)
+
+
+def test_text_emb_has_one_part_per_captions_part_with_the_same_name(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    assert sorted(p.name for p in (tmp_path / "text_emb").iterdir()) == sorted(PARTS)
+
+
+def test_reading_back_gives_ids_in_part_order_and_one_contiguous_float32_matrix(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    ids, matrix = read_text_embeddings(tmp_path / "text_emb")
+    all_texts = [text for texts in PARTS.values() for text in texts]
+    assert ids == [f"{name[5:10]}-{i}" for name, texts in PARTS.items() for i in range(len(texts))]
+    assert matrix.dtype == np.float32 and matrix.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(matrix, open_clip_reference(tiny_clip, all_texts), atol=1e-5)
+
+
+def test_float16_storage_keeps_half_precision_values_and_reads_back_as_float32(tiny_clip, tmp_path):
+    write_captions(tmp_path / "f32")
+    write_captions(tmp_path / "f16")
+    embed_text(config(tmp_path / "f32", tiny_clip))
+    embed_text(config(tmp_path / "f16", tiny_clip, store_dtype="float16"))
+    part = pq.read_table(tmp_path / "f16" / "text_emb" / "part-00000.parquet")
+    assert part.schema.field("embedding").type == pa.list_(pa.float16(), 64)
+    _, full = read_text_embeddings(tmp_path / "f32" / "text_emb")
+    _, half = read_text_embeddings(tmp_path / "f16" / "text_emb")
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, full, atol=1e-3)
+    np.testing.assert_array_equal(half, full.astype(np.float16).astype(np.float32))
+
+
+def test_training_labels_are_label_embeddings_in_vocabulary_order(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    table = pq.read_table(tmp_path / "labels" / "train.parquet")
+    assert table["label"].to_pylist() == VOCABULARY
+    expected = label_embeddings(load_clip(tiny_clip, device="cpu"), VOCABULARY, templates="single")
+    np.testing.assert_allclose(np.array(table["embedding"].to_pylist(), dtype=np.float32), expected, atol=1e-6)
+
+
+def test_summary_reports_texts_dim_dtype_and_speed(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    summary = embed_text(config(tmp_path, tiny_clip, store_dtype="float16")).summary
+    assert summary["texts"] == sum(len(texts) for texts in PARTS.values())
+    assert summary["truncated"] == 0 and summary["dim"] == 64 and summary["store_dtype"] == "float16"
+    assert summary["texts_per_s"] > 0
+
+
+def test_second_run_with_unchanged_captions_and_model_is_skipped(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    assert embed_text(config(tmp_path, tiny_clip)).status == "ran"
+    assert embed_text(config(tmp_path, tiny_clip)).status == "skipped"
+
+
+def test_changed_captions_are_embedded_again(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    write_captions(tmp_path, {"part-00000.parquet": ["a bicycle"]})
+    outcome = embed_text(config(tmp_path, tiny_clip))
+    assert outcome.status == "ran" and "inputs changed" in outcome.reason
+    _, matrix = read_text_embeddings(tmp_path / "text_emb")
+    np.testing.assert_allclose(matrix[0], open_clip_reference(tiny_clip, ["a bicycle"])[0], atol=1e-5)
+
+
+def test_interrupted_run_resumes_keeping_finished_parts_and_writing_the_missing_one(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    kept, lost = tmp_path / "text_emb" / "part-00000.parquet", tmp_path / "text_emb" / "part-00001.parquet"
+    expected_lost = lost.read_bytes()
+    kept_mtime = kept.stat().st_mtime_ns
+    # What a kill after the first part leaves behind: a "running" record with this fingerprint, one part.
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["stages"]["embed_text"]["status"] = "running"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    lost.unlink()
+    outcome = embed_text(config(tmp_path, tiny_clip))
+    assert outcome.reason == "resuming an interrupted run" and outcome.summary["resumed_parts"] == 1
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert lost.read_bytes() == expected_lost
+
+
+def test_same_config_writes_byte_identical_parts(tiny_clip, tmp_path):
+    for run in ("a", "b"):
+        write_captions(tmp_path / run)
+        embed_text(config(tmp_path / run, tiny_clip))
+    for rel in [*(f"text_emb/{name}" for name in PARTS), "labels/train.parquet"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_caption_longer_than_the_context_is_truncated_and_counted(tiny_clip, tmp_path):
+    write_captions(tmp_path, {"part-00000.parquet": ["a dog", OVERLONG]})
+    summary = embed_text(config(tmp_path, tiny_clip)).summary
+    assert summary["truncated"] == 1
+    _, matrix = read_text_embeddings(tmp_path / "text_emb")
+    np.testing.assert_allclose(matrix, open_clip_reference(tiny_clip, ["a dog", OVERLONG]), atol=1e-5)
+
+
+def test_missing_captions_folder_names_the_stage_to_run(tiny_clip, tmp_path):
+    with pytest.raises(OvmlError, match="captions is missing; run `ovml generate-text"):
+        embed_text(config(tmp_path, tiny_clip))
+
+
+def test_empty_captions_folder_names_the_stage_to_run(tiny_clip, tmp_path):
+    (tmp_path / "captions").mkdir()
+    with pytest.raises(OvmlError, match="run `ovml generate-text"):
+        embed_text(config(tmp_path, tiny_clip))
+
+
+def test_captions_folder_without_parts_names_the_stage_to_run(tiny_clip, tmp_path):
+    write_captions(tmp_path, parts={})
+    with pytest.raises(OvmlError, match="no part-\\*.parquet files; run `ovml generate-text"):
+        embed_text(config(tmp_path, tiny_clip))
+
+
+def test_missing_vocabulary_names_the_stage_to_run(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    (tmp_path / "captions" / "vocabulary.json").unlink()
+    with pytest.raises(OvmlError, match="vocabulary.json is missing; run `ovml generate-text"):
+        embed_text(config(tmp_path, tiny_clip))
+
+
+def test_half_precision_on_cpu_fails_before_anything_is_recorded(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    with pytest.raises(OvmlError, match="needs a CUDA device"):
+        embed_text(config(tmp_path, tiny_clip, precision="fp16"))
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_cli_reports_missing_captions_in_one_line_with_exit_code_2(tiny_clip, tmp_path):
+    result = CliRunner().invoke(app, ["embed-text", "--run-dir", str(tmp_path), "--clip", tiny_clip])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error:") and "generate-text" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
