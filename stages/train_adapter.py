@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import math
+import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from pipeline.errors import NotImplementedYet
-from pipeline.rundir import StageOutcome
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from pipeline import atomic, losses
+from pipeline.adapter import ARCHITECTURE, Adapter, model_kwargs, perturb, save_adapter
+from pipeline.clip import pick_device
+from pipeline.config import as_params
+from pipeline.errors import OvmlError
+from pipeline.metrics import average_precision, mean_average_precision
+from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+from pipeline.text_embeddings import embedding_matrix, read_text_embeddings
+
+LOSSES = {"asl": losses.asl, "bce": losses.bce, "rank": losses.rank}
+TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("val_mAP", pa.float64()),
+                              ("lr", pa.float64()), ("seconds", pa.float64())])
 
 
 @dataclass
@@ -19,9 +43,10 @@ class TrainAdapterConfig:
     renorm: bool = False
     head: Literal["cosine", "magnitude"] = "cosine"
     loss: Literal["asl", "bce", "rank"] = "asl"
-    hidden: int = 1024
+    hidden: int = 512
     dropout: float = 0.1
     alpha: float = 0.5
+    scale: float = 20.0
     epochs: int = 10
     batch_size: int = 512
     lr: float = 1e-3
@@ -33,5 +58,182 @@ class TrainAdapterConfig:
     force: bool = False
 
 
+@dataclass
+class TrainingData:
+    embeddings: torch.Tensor  # [n, d] caption embeddings
+    targets: torch.Tensor  # [n, L] bool, columns in vocabulary order
+    label_emb: torch.Tensor  # [L, d]
+    vocabulary: list[str]
+
+
 def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
-    raise NotImplementedYet("train-adapter")
+    _check(cfg)
+    rd = RunDir(cfg.run_dir)
+    rd.require("captions/vocabulary.json", produced_by="generate_text")
+    rd.require("text_emb", produced_by="embed_text")
+    rd.require("labels/train.parquet", produced_by="embed_text")
+    _check_clip_matches_embeddings(rd, cfg.clip)
+    params = {k: v for k, v in as_params(cfg).items() if k not in ("run_dir", "force", "device")}
+    inputs = files_under(rd.path, ["captions", "text_emb", "labels/train.parquet"])
+
+    def body(resume: bool) -> dict:
+        return _train(cfg, rd, _read_training_data(rd))
+
+    return run_stage(rd, "train_adapter", params=params, inputs=inputs, outputs=["adapter"], body=body,
+                     force=cfg.force, models={"clip": cfg.clip})
+
+
+def _check(cfg: TrainAdapterConfig) -> None:
+    if cfg.noise < 0:
+        raise OvmlError(f"--noise must be >= 0 (0 turns the perturbation off), got {cfg.noise}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise OvmlError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    for name in ("hidden", "epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise OvmlError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise OvmlError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def _check_clip_matches_embeddings(rd: RunDir, clip: str) -> None:
+    """An adapter records the CLIP spec it was trained for, so that spec must be the one that made text_emb/."""
+    made_with = ((rd.stage_record("embed_text") or {}).get("params") or {}).get("clip")
+    if made_with is not None and made_with != clip:
+        raise OvmlError(f"text_emb/ in {rd.path} was embedded with '{made_with}', not '{clip}'; "
+                        f"pass --clip {made_with} (or re-run embed-text with --clip {clip})")
+
+
+def _read_training_data(rd: RunDir) -> TrainingData:
+    """Captions' verified labels as targets, joined to their text embeddings by caption_id."""
+    vocabulary = json.loads((rd / "captions/vocabulary.json").read_text(encoding="utf-8"))["labels"]
+    labels = pq.read_table(rd / "labels/train.parquet", columns=["label", "embedding"])
+    if labels.column("label").to_pylist() != vocabulary:
+        raise OvmlError(f"{rd / 'labels/train.parquet'} does not list the labels of captions/vocabulary.json in "
+                        f"order; re-run `ovml embed-text --force --run-dir {rd.path}`")
+    parts = sorted((rd / "captions").glob("part-*.parquet"))
+    if not parts:
+        raise OvmlError(f"no captions (part-*.parquet) in {rd / 'captions'}; run `ovml generate-text` first")
+    captions = pa.concat_tables(pq.read_table(p, columns=["caption_id", "labels"]) for p in parts)
+    text_ids, text_emb = read_text_embeddings(rd / "text_emb")
+    row = pc.index_in(captions.column("caption_id"), value_set=pa.array(text_ids, pa.string()))
+    if row.null_count:
+        raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
+                        f"`ovml embed-text --run-dir {rd.path}`")
+    label_emb = embedding_matrix(labels.column("embedding")).copy()  # writable, as torch wants
+    if label_emb.shape[1] != text_emb.shape[1]:
+        raise OvmlError(f"label embeddings are {label_emb.shape[1]}-d but text embeddings {text_emb.shape[1]}-d; "
+                        f"re-run `ovml embed-text --force --run-dir {rd.path}`")
+    return TrainingData(torch.from_numpy(text_emb[row.to_numpy()]),
+                        torch.from_numpy(_multi_hot(captions.column("labels"), vocabulary)),
+                        torch.from_numpy(label_emb), vocabulary)
+
+
+def _multi_hot(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
+    array = labels.combine_chunks()
+    flat = pc.index_in(pc.list_flatten(array), value_set=pa.array(vocabulary, pa.string()))
+    if flat.null_count:
+        unknown = pc.filter(pc.list_flatten(array), pc.is_null(flat)).unique().to_pylist()[:3]
+        raise OvmlError(f"captions name labels outside captions/vocabulary.json (e.g. {unknown}); "
+                        "re-run generate-text so both come from the same vocabulary")
+    out = np.zeros((len(array), len(vocabulary)), dtype=bool)
+    out[pc.list_parent_indices(array).to_numpy(), flat.to_numpy()] = True
+    return out
+
+
+def _vocabulary_fingerprint(vocabulary: list[str]) -> str:
+    return hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()
+
+
+def _train(cfg: TrainAdapterConfig, rd: RunDir, data: TrainingData) -> dict:
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    order = np.random.default_rng(cfg.seed).permutation(len(data.embeddings))
+    n_val = round(cfg.val_fraction * len(order))
+    val, train = torch.from_numpy(order[:n_val]), torch.from_numpy(order[n_val:])
+    if len(train) == 0:
+        raise OvmlError(f"no captions left to train on after holding out --val-fraction {cfg.val_fraction}")
+    x_all, y_all = data.embeddings.to(device), data.targets.to(device)
+    label_emb = data.label_emb.to(device)
+    config = {
+        "architecture": {"name": ARCHITECTURE, "hidden": cfg.hidden, "dropout": cfg.dropout, "alpha": cfg.alpha,
+                         "head": cfg.head, "scale": cfg.scale},
+        "dim": int(x_all.shape[1]),
+        "clip": cfg.clip,
+        "vocabulary": {"size": len(data.vocabulary), "sha256": _vocabulary_fingerprint(data.vocabulary)},
+        "noise": cfg.noise, "renorm": cfg.renorm, "loss": cfg.loss, "seed": cfg.seed,
+        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                     "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs,
+                     "val_fraction": cfg.val_fraction, "patience": cfg.patience, "captions": len(order)},
+        "ovml_version": metadata.version("ovml"),
+    }
+    model = Adapter(**model_kwargs(config)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
+    loss_fn = LOSSES[cfg.loss]
+    shuffle_rng = torch.Generator().manual_seed(cfg.seed)
+    noise_rng = torch.Generator(device).manual_seed(cfg.seed)
+    log: list[dict] = []
+    best = {"val_mAP": -math.inf, "epoch": 0, "state": None}
+    with _progress() as progress:
+        task = progress.add_task("train-adapter", total=cfg.epochs * len(train))
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            total = 0.0
+            for batch in train[torch.randperm(len(train), generator=shuffle_rng)].split(cfg.batch_size):
+                batch = batch.to(device)
+                x = perturb(x_all[batch], cfg.noise, cfg.renorm, noise_rng)
+                loss = loss_fn(model(x, label_emb), y_all[batch].float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.item() * len(batch)
+                progress.advance(task, len(batch))
+            val_map = _validation_map(model, x_all[val.to(device)], y_all[val.to(device)], label_emb)
+            log.append({"epoch": epoch, "loss": total / len(train), "val_mAP": val_map,
+                        "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+            progress.update(task, description=f"epoch {epoch}/{cfg.epochs} loss {log[-1]['loss']:.4g} "
+                                              f"val mAP {val_map:.4f}")
+            if math.isnan(val_map) or val_map > best["val_mAP"]:
+                best = {"val_mAP": val_map, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            elif epoch - best["epoch"] >= cfg.patience:
+                break
+    model.load_state_dict(best["state"])
+    best_map = None if math.isnan(best["val_mAP"]) else best["val_mAP"]
+    config.update(best_epoch=best["epoch"], best_val_mAP=best_map)
+    save_adapter(rd / "adapter", model, config)
+    atomic.write_parquet(rd / "adapter/train_log.parquet", pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
+    return {"captions": len(order), "labels": len(data.vocabulary), "epochs_run": len(log),
+            "best_epoch": best["epoch"], "best_val_mAP": best_map}
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _validation_map(model: Adapter, x: torch.Tensor, y: torch.Tensor, label_emb: torch.Tensor) -> float:
+    """Text-side mAP on held-out captions, without noise: the early-stopping signal (NaN without a split)."""
+    if len(x) == 0:
+        return math.nan
+    model.eval()
+    with torch.inference_mode():
+        scores = torch.cat([model(chunk, label_emb) for chunk in x.split(8192)]).cpu().numpy()
+    return mean_average_precision(average_precision(scores, y.cpu().numpy()))
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} captions/s", style="progress.data.speed")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeElapsedColumn())
