@@ -113,6 +113,10 @@ def generate_text(
     num_shards: Annotated[int | None, typer.Option(help="Split the work across N machines. [default: 1]")] = None,
     shard_index: Annotated[int | None, typer.Option(help="Which of the N shards this process does. "
                                                     "[default: 0]")] = None,
+    part_size: Annotated[int | None, typer.Option(help="Prompts per output part, the unit of resume. "
+                                                  "[default: 64]")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="Rounds of prompts for labels still short of "
+                                                   "--per-label before giving up. [default: 20]")] = None,
     clip: ClipOpt = None,
     device: DeviceOpt = None,
     force: ForceOpt = None,
@@ -160,10 +164,12 @@ def train_adapter(
     head: Annotated[str | None, typer.Option(help="cosine: s*cos(h, w); magnitude: s*<h, w> keeps |h|. "
                                              "[default: cosine]")] = None,
     loss: Annotated[str | None, typer.Option(help="asl (asymmetric), bce or rank. [default: asl]")] = None,
-    hidden: Annotated[int | None, typer.Option(help="MLP hidden width. [default: 1024]")] = None,
+    hidden: Annotated[int | None, typer.Option(help="MLP hidden width. [default: 512]")] = None,
     dropout: Annotated[float | None, typer.Option(help="[default: 0.1]")] = None,
     alpha: Annotated[float | None, typer.Option(help="Residual weight: h = x + alpha*MLP(x). "
                                                 "[default: 0.5]")] = None,
+    scale: Annotated[float | None, typer.Option(help="Logit scale s in s*cos(h, w) + b (or s*<h, w> + b). "
+                                                "[default: 20]")] = None,
     epochs: Annotated[int | None, typer.Option(help="[default: 10]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="[default: 512]")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate. [default: 1e-3]")] = None,
@@ -238,9 +244,10 @@ def predict(
     """Open-vocabulary labels for images with the trained adapter (or --zero-shot CLIP)."""
     options = dict(locals())
     options.pop("json_out")
+    from pipeline.report import print_predictions
     from stages.predict import PredictConfig, predict
 
-    _call_stage("predict", predict, PredictConfig, options, json_out)
+    print_predictions(_call_stage("predict", predict, PredictConfig, options), json_out, out)
 
 
 @app.command("run")

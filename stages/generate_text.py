@@ -1,13 +1,57 @@
-"""generate-text: an LLM writes captions that mention several labels -> captions/part-*.parquet."""
+"""generate-text: an LLM writes captions that mention several labels -> captions/part-*.parquet.
+
+Work goes in rounds: a round plans prompts for every label still short of its quota, in parts of
+`part_size` prompts; each part is written atomically once all its answers are in. A round's plan is a
+pure function of the seed and of the parts already written, so a killed run replays the plans over the
+parts on disk, keeps them, and generates only what is missing: the same rows as an uninterrupted run.
+Shards split the quota (each covers ceil(per_label / num_shards) per label) and number their parts
+apart, so their captions/ folders merge by copying.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import statistics
+import string
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.errors import NotImplementedYet
-from pipeline.rundir import StageOutcome
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline import atomic
+from pipeline.config import as_params
+from pipeline.errors import OvmlError
+from pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
+from pipeline.rundir import RunDir, StageOutcome, run_stage
+from pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
+from prompts import read_prompt_file
+
+PROMPTS_FILE = "caption_prompts.json"
+MIN_WORDS = 3  # "dog beach" is a tag list, not a caption
+MAX_WORDS = 40  # longer answers are rambling past the requested single sentence
+DROP_REASONS = ("unparseable", "too_short", "too_long", "no_requested_label", "duplicate")
+MIN_YIELD = 0.2  # cap on over-planning when the model rarely mentions what it was asked for
+# Settings that never change the captions, so changing them must not invalidate finished work.
+NOT_FINGERPRINTED = ("run_dir", "force", "device", "concurrency", "max_rounds")
+CAPTION_SCHEMA = pa.schema([
+    ("caption_id", pa.string()),
+    ("text", pa.string()),
+    ("labels", pa.list_(pa.string())),
+    ("requested", pa.list_(pa.string())),
+    ("prompt_id", pa.string()),
+    ("backend", pa.string()),
+    ("model", pa.string()),
+    ("seed", pa.int64()),
+])
 
 
 @dataclass
@@ -29,10 +73,315 @@ class GenerateTextConfig:
     seed: int = 0
     num_shards: int = 1
     shard_index: int = 0
+    part_size: int = 64
+    max_rounds: int = 20
     clip: str = "ViT-B-16:openai"
     device: str = "auto"
     force: bool = False
 
 
+@dataclass(frozen=True)
+class PlannedPrompt:
+    labels: tuple[str, ...]
+    prompt_id: str
+    seed: int
+
+
 def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
-    raise NotImplementedYet("generate-text")
+    _check(cfg)
+    vocabulary = load_vocabulary(cfg.labels)
+    run_dir = RunDir(cfg.run_dir)
+    params = {k: v for k, v in as_params(cfg).items() if k not in NOT_FINGERPRINTED}
+    inputs = [Path(cfg.labels)]
+    models = {"llm": cfg.model or (SMOLLM2_GGUF if cfg.backend == "llama-cpp" else "served by base_url")}
+    if cfg.sampling == "cooccurrence":
+        inputs.append(Path(cfg.cooccurrence))
+    if cfg.sampling == "similar":
+        models["clip"] = cfg.clip
+    else:
+        del params["clip"]
+
+    def body(resume: bool) -> dict:
+        return _generate(cfg, vocabulary, run_dir / "captions")
+
+    return run_stage(run_dir, "generate_text", params=params, inputs=inputs, outputs=["captions"], body=body,
+                     force=cfg.force, models=models)
+
+
+def _check(cfg: GenerateTextConfig) -> None:
+    if cfg.per_label < 1:
+        raise OvmlError(f"--per-label must be at least 1, got {cfg.per_label}")
+    if not 1 <= cfg.min_labels <= cfg.max_labels:
+        raise OvmlError(f"need 1 <= --min-labels <= --max-labels, got {cfg.min_labels} and {cfg.max_labels}")
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise OvmlError(f"--shard-index must be in 0..{cfg.num_shards - 1} for --num-shards {cfg.num_shards}, "
+                        f"got {cfg.shard_index}")
+    if cfg.part_size < 1 or cfg.max_rounds < 1:
+        raise OvmlError("--part-size and --max-rounds must be at least 1")
+    if cfg.sampling == "cooccurrence" and not (cfg.cooccurrence and Path(cfg.cooccurrence).is_file()):
+        raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE (a tag file, one image per line, "
+                        f"labels separated by commas); got {cfg.cooccurrence!r}")
+
+
+class ShardTally:
+    """What the parts written so far add up to; planning reads only this, so replays plan the same."""
+
+    def __init__(self, labels: list[str]):
+        self.kept_per_label = dict.fromkeys(labels, 0)
+        self.seen_texts: set[str] = set()
+        self.requested = 0
+        self.kept = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.asked_mentions = 0  # label slots in prompts
+        self.verified_mentions = 0  # of those, mentioned by a kept caption
+
+    def add_part(self, table: pa.Table) -> None:
+        meta = table.schema.metadata or {}
+        self.requested += int(meta[b"ovml.requested"])
+        self.asked_mentions += int(meta[b"ovml.asked_mentions"])
+        for reason, n in json.loads(meta[b"ovml.dropped"]).items():
+            self.dropped[reason] += n
+        for text, labels, requested in zip(table["text"].to_pylist(), table["labels"].to_pylist(),
+                                           table["requested"].to_pylist(), strict=True):
+            self.seen_texts.add(_dedup_key(text))
+            self.kept += 1
+            self.verified_mentions += len(set(labels) & set(requested))
+            for label in labels:
+                self.kept_per_label[label] += 1
+
+    def shortfall(self, target: int) -> dict[str, int]:
+        return {label: target - n for label, n in self.kept_per_label.items() if n < target}
+
+    def label_yield(self) -> float:
+        """Share of requested label mentions that ended in a kept caption (1 before any evidence)."""
+        return self.verified_mentions / self.asked_mentions if self.asked_mentions else 1.0
+
+    def summary(self, rounds: int, parts: int) -> dict:
+        counts = list(self.kept_per_label.values())
+        return {
+            "requested": self.requested,
+            "kept": self.kept,
+            "dropped": dict(self.dropped),
+            "captions_per_label": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
+            "distinct_ratio": round(self.kept / (self.kept + self.dropped["duplicate"]), 4) if self.kept else 0.0,
+            "rounds": rounds,
+            "parts": parts,
+        }
+
+
+class LabelSetSampler:
+    """Draws the companions of an anchor label with probability proportional to a weight matrix row.
+
+    uniform: every other label weighs 1; similar: the nearest labels in CLIP text space weigh 1;
+    cooccurrence: weights are co-occurrence counts. Labels with no weight fill any remaining slots uniformly.
+    """
+
+    def __init__(self, labels: list[str], weights: np.ndarray):
+        self.labels = labels
+        self.weights = weights.astype(np.float64)
+        np.fill_diagonal(self.weights, 0.0)
+
+    def label_set(self, anchor: int, size: int, rng: np.random.Generator) -> list[int]:
+        weights = self.weights[anchor]
+        partners = np.flatnonzero(weights > 0)
+        take = min(size - 1, len(partners))
+        chosen = list(rng.choice(partners, size=take, replace=False, p=weights[partners] / weights[partners].sum())
+                      ) if take else []
+        rest = np.setdiff1d(np.arange(len(self.labels)), [anchor, *chosen])
+        fill = min(size - 1 - take, len(rest))
+        chosen += list(rng.choice(rest, size=fill, replace=False)) if fill else []
+        return [anchor, *(int(i) for i in chosen)]
+
+
+def _sampler(cfg: GenerateTextConfig, vocabulary: Vocabulary) -> LabelSetSampler:
+    n = len(vocabulary.labels)
+    if cfg.sampling == "uniform":
+        return LabelSetSampler(vocabulary.labels, np.ones((n, n)))
+    if cfg.sampling == "similar":
+        from pipeline.clip import load_clip
+
+        embeddings = load_clip(cfg.clip, cfg.device).encode_text(vocabulary.labels)
+        similarity = embeddings @ embeddings.T
+        np.fill_diagonal(similarity, -np.inf)
+        neighbours = min(n - 1, max(8, 2 * cfg.max_labels))
+        weights = np.zeros((n, n))
+        nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :neighbours]
+        np.put_along_axis(weights, nearest, 1.0, axis=1)
+        return LabelSetSampler(vocabulary.labels, weights)
+    return LabelSetSampler(vocabulary.labels, _cooccurrence_counts(Path(cfg.cooccurrence), vocabulary))
+
+
+def _cooccurrence_counts(path: Path, vocabulary: Vocabulary) -> np.ndarray:
+    """Pair counts from a tag file (one image per line, labels or their synonyms separated by commas)."""
+    index = {label.lower(): i for i, label in enumerate(vocabulary.labels)}
+    for label, names in vocabulary.synonyms.items():
+        index.update({name.lower(): index[label.lower()] for name in names})
+    counts = np.zeros((len(vocabulary.labels),) * 2)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        present = sorted({index[t] for t in (" ".join(tag.split()).lower() for tag in line.split(",")) if t in index})
+        for a in present:
+            counts[a, present] += 1
+    if not counts.any():
+        raise OvmlError(f"co-occurrence file {path} has no line with two vocabulary labels; "
+                        "write one image per line with its labels separated by commas")
+    return counts
+
+
+@dataclass(frozen=True)
+class CaptionPrompts:
+    """One system prompt, worked examples as earlier chat turns, and request variants for diversity.
+
+    Small models follow a format far better after seeing it answered. Everything before the final request
+    is the same for every prompt, so llama.cpp reuses its cache for that prefix instead of re-reading it.
+    """
+
+    system: str
+    examples: list[dict]
+    variants: dict[str, str]
+
+    @classmethod
+    def load(cls) -> CaptionPrompts:
+        data = json.loads(read_prompt_file(PROMPTS_FILE))
+        return cls(data["system"], data["examples"], dict(sorted(data["variants"].items())))
+
+    def messages(self, prompt_id: str, labels: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        turns = [("system", self.system)]
+        for example in self.examples:
+            turns += [("user", _fill(example["request"], example["labels"])),
+                      ("assistant", json.dumps({"caption": example["caption"]}))]
+        return (*turns, ("user", _fill(self.variants[prompt_id], labels)))
+
+
+def _fill(template: str, labels: tuple[str, ...] | list[str]) -> str:
+    named = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+    return string.Template(template).substitute(labels=named)
+
+
+def _plan_round(tally: ShardTally, target: int, sampler: LabelSetSampler, prompt_ids: list[str],
+                cfg: GenerateTextConfig, rng: np.random.Generator) -> list[PlannedPrompt]:
+    """Prompts for every label short of `target`, scaled up by how often asked labels end up kept."""
+    scale = 1 / max(tally.label_yield(), MIN_YIELD)
+    position = {label: i for i, label in enumerate(sampler.labels)}
+    remaining = {label: math.ceil(short * scale) for label, short in tally.shortfall(target).items()}
+    anchors = [label for label, n in remaining.items() for _ in range(n)]
+    plan = []
+    for anchor in (anchors[i] for i in rng.permutation(len(anchors))):
+        if remaining.get(anchor, 0) <= 0:
+            continue
+        size = min(int(rng.integers(cfg.min_labels, cfg.max_labels + 1)), len(sampler.labels))
+        chosen = sampler.label_set(position[anchor], size, rng)
+        labels = tuple(sampler.labels[i] for i in rng.permutation(chosen))
+        for label in labels:
+            if label in remaining:
+                remaining[label] -= 1
+        plan.append(PlannedPrompt(labels, prompt_ids[int(rng.integers(len(prompt_ids)))],
+                                  int(rng.integers(2**31))))
+    return plan
+
+
+def _dedup_key(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _verify(raw: str, prompt: PlannedPrompt, matcher: MentionMatcher, seen_texts: set[str]
+            ) -> tuple[str | None, str, list[str]]:
+    """(drop reason or None, caption text, vocabulary labels the caption mentions)."""
+    text = parse_caption(raw)
+    if text is None:
+        return "unparseable", "", []
+    words = len(text.split())
+    if words < MIN_WORDS:
+        return "too_short", text, []
+    if words > MAX_WORDS:
+        return "too_long", text, []
+    mentioned = matcher.mentions(text)
+    if not set(mentioned) & set(prompt.labels):
+        return "no_requested_label", text, []
+    if _dedup_key(text) in seen_texts:
+        return "duplicate", text, []
+    return None, text, mentioned
+
+
+def _generate_part(plan: list[PlannedPrompt], part: int, cfg: GenerateTextConfig, backend: LlmBackend,
+                   prompts: CaptionPrompts, matcher: MentionMatcher, seen_texts: set[str],
+                   on_answer) -> pa.Table:
+    requests = [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in plan]
+    rows, dropped, seen = [], Counter(), set(seen_texts)
+    for i, (prompt, raw) in enumerate(zip(plan, backend.complete(requests), strict=True)):
+        reason, text, mentioned = _verify(raw, prompt, matcher, seen)
+        if reason:
+            dropped[reason] += 1
+        else:
+            seen.add(_dedup_key(text))
+            rows.append({"caption_id": f"{cfg.shard_index}-{part}-{i}", "text": text, "labels": mentioned,
+                         "requested": list(prompt.labels), "prompt_id": prompt.prompt_id,
+                         "backend": backend.name, "model": backend.model, "seed": prompt.seed})
+        on_answer(kept=reason is None)
+    metadata = {"ovml.requested": str(len(plan)), "ovml.asked_mentions": str(sum(len(p.labels) for p in plan)),
+                "ovml.dropped": json.dumps({r: dropped[r] for r in DROP_REASONS})}
+    return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA.with_metadata(metadata))
+
+
+def _read_part(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OvmlError(f"{path} is unreadable ({e}); delete it and run again to regenerate it") from None
+
+
+def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) -> dict:
+    atomic.write_json(out_dir / "vocabulary.json", vocabulary.as_json())
+    prompts = CaptionPrompts.load()
+    matcher = MentionMatcher(vocabulary)
+    sampler = _sampler(cfg, vocabulary)
+    target = math.ceil(cfg.per_label / cfg.num_shards)
+    tally = ShardTally(vocabulary.labels)
+    backend: LlmBackend | None = None
+    part = 0
+    with _progress() as progress:
+        task = progress.add_task("generate-text", total=0, kept=0, rate="")
+        started, kept_on_disk, kept_here = time.perf_counter(), 0, 0
+
+        def on_answer(kept: bool) -> None:
+            nonlocal kept_here
+            kept_here += kept
+            rate = kept_here / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=1, kept=kept_on_disk + kept_here, rate=f"{rate:.2f} kept captions/s")
+
+        for round_index in range(cfg.max_rounds + 1):
+            if not tally.shortfall(target):
+                break
+            if round_index == cfg.max_rounds:
+                raise _stalled(tally, target, cfg)
+            rng = np.random.default_rng([cfg.seed, cfg.shard_index, round_index])
+            plan = _plan_round(tally, target, sampler, list(prompts.variants), cfg, rng)
+            progress.update(task, total=progress.tasks[task].total + len(plan))
+            for start in range(0, len(plan), cfg.part_size):
+                chunk = plan[start:start + cfg.part_size]
+                path = out_dir / f"part-{part * cfg.num_shards + cfg.shard_index:05d}.parquet"
+                if path.exists():
+                    table = _read_part(path)
+                    kept_on_disk += table.num_rows
+                    progress.update(task, advance=len(chunk), kept=kept_on_disk + kept_here)
+                else:
+                    backend = backend or open_backend(cfg.backend, cfg.model, cfg.base_url, Sampling(
+                        cfg.temperature, cfg.top_p, cfg.max_tokens), cfg.concurrency)
+                    table = _generate_part(chunk, part, cfg, backend, prompts, matcher, tally.seen_texts, on_answer)
+                    atomic.write_parquet(path, table)
+                tally.add_part(table)
+                part += 1
+    return tally.summary(round_index, part)
+
+
+def _stalled(tally: ShardTally, target: int, cfg: GenerateTextConfig) -> OvmlError:
+    short = sorted(tally.shortfall(target))
+    names = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+    return OvmlError(f"after {cfg.max_rounds} rounds, {len(short)} labels still have fewer than {target} kept "
+                     f"captions ({names}); the model rarely mentions them: add synonyms to the labels file, "
+                     "lower --per-label or raise --max-rounds, then run again to resume")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("prompts, {task.fields[kept]} kept, {task.fields[rate]}"), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=False)

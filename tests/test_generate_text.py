@@ -1,0 +1,235 @@
+"""generate-text stage logic with a scripted LLM (the real SmolLM2 runs in test_generate_text_llm.py).
+
+The scripted backend answers from the labels named in the prompt, so these tests control exactly what
+the "model" says: broken JSON, omitted labels, repeats, and an interruption at a chosen request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import cli
+import stages.generate_text as stage
+from pipeline.clip import load_clip
+from pipeline.errors import OvmlError
+from pipeline.llm import ChatRequest
+from pipeline.vocabulary import MentionMatcher, parse_vocabulary
+
+LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle"]
+
+
+class ScriptedBackend:
+    """Answers `script(labels named in the prompt, seed)`; raises KeyboardInterrupt at answer `interrupt_at`."""
+
+    name = "scripted"
+    model = "script-1"
+
+    def __init__(self, script: Callable[[list[str], int], str], interrupt_at: int | None = None,
+                 vocabulary: list[str] = LABELS):
+        self.script = script
+        self.interrupt_at = interrupt_at
+        self.matcher = MentionMatcher(parse_vocabulary("\n".join(vocabulary)))
+        self.answers: list[str] = []
+
+    def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
+        for request in requests:
+            if len(self.answers) == self.interrupt_at:
+                raise KeyboardInterrupt
+            self.answers.append(self.script(self.matcher.mentions(request.messages[-1][1]), request.seed))
+            yield self.answers[-1]
+
+
+def faithful(labels: list[str], seed: int) -> str:
+    return json.dumps({"caption": f"A photo of {' and '.join(labels)}, take {seed}."})
+
+
+@pytest.fixture
+def labels_file(tmp_path) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def use_backend(monkeypatch) -> Callable[[ScriptedBackend], ScriptedBackend]:
+    def install(backend: ScriptedBackend) -> ScriptedBackend:
+        monkeypatch.setattr(stage, "open_backend", lambda *args, **kwargs: backend)
+        return backend
+
+    return install
+
+
+def config(labels_file: Path, run_dir: Path, **overrides) -> stage.GenerateTextConfig:
+    return stage.GenerateTextConfig(run_dir=run_dir, labels=str(labels_file), **{"per_label": 3, "part_size": 4,
+                                                                                 **overrides})
+
+
+def read_captions(run_dir: Path):
+    return pq.read_table(sorted((run_dir / "captions").glob("part-*.parquet"))).to_pylist()
+
+
+def part_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "captions").glob("part-*.parquet"))}
+
+
+def test_every_label_reaches_per_label_kept_captions(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run"))
+    per_label = Counter(label for row in read_captions(tmp_path / "run") for label in row["labels"])
+    assert set(per_label) == set(LABELS)
+    assert min(per_label.values()) >= 3
+
+
+def test_rows_follow_the_artifact_schema(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run"))
+    rows = read_captions(tmp_path / "run")
+    assert pq.read_schema(next((tmp_path / "run" / "captions").glob("part-*.parquet"))).names == \
+        ["caption_id", "text", "labels", "requested", "prompt_id", "backend", "model", "seed"]
+    assert len({row["caption_id"] for row in rows}) == len(rows)
+    prompt_ids = set(json.loads(stage.read_prompt_file(stage.PROMPTS_FILE))["variants"])
+    for row in rows:
+        assert set(row["labels"]) <= set(row["requested"]) and row["labels"]
+        assert row["prompt_id"] in prompt_ids
+        assert (row["backend"], row["model"]) == ("scripted", "script-1")
+
+
+def test_vocabulary_json_keeps_the_file_order_and_synonyms(tmp_path, use_backend):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("tree\ndog: puppy\ncat\n", encoding="utf-8")
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run", per_label=1))
+    written = json.loads((tmp_path / "run" / "captions" / "vocabulary.json").read_text())
+    assert written == {"labels": ["tree", "dog", "cat"], "synonyms": {"dog": ["puppy"]}}
+
+
+def test_malformed_answers_are_dropped_and_counted_not_fatal(tmp_path, labels_file, use_backend):
+    def sometimes_broken(labels: list[str], seed: int) -> str:
+        return '{"caption": "A photo of' if seed % 3 == 0 else faithful(labels, seed)
+
+    backend = use_backend(ScriptedBackend(sometimes_broken))
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run"))
+    broken = sum(answer.endswith("photo of") for answer in backend.answers)
+    assert broken > 0
+    assert outcome.summary["dropped"]["unparseable"] == broken
+    assert outcome.summary["kept"] == len(read_captions(tmp_path / "run")) == len(backend.answers) - broken
+
+
+def test_each_drop_reason_is_counted(tmp_path, labels_file, use_backend):
+    def flawed(labels: list[str], seed: int) -> str:
+        return [json.dumps({"caption": "Dog."}),  # too short
+                json.dumps({"caption": "word " * 60}),  # too long
+                json.dumps({"caption": "An empty street at night."}),  # no requested label
+                json.dumps({"caption": f"A photo of {labels[0]}."}),  # repeats once per label
+                faithful(labels, seed)][seed % 5]
+
+    backend = use_backend(ScriptedBackend(flawed))
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run"))
+    dropped = outcome.summary["dropped"]
+    assert all(dropped[reason] > 0 for reason in ("too_short", "too_long", "no_requested_label", "duplicate"))
+    assert sum(dropped.values()) + outcome.summary["kept"] == outcome.summary["requested"] == len(backend.answers)
+    texts = [row["text"] for row in read_captions(tmp_path / "run")]
+    assert len(texts) == len(set(texts))
+
+
+def test_summary_is_recorded_in_the_manifest(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run"))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    recorded = manifest["stages"]["generate_text"]["summary"]
+    assert recorded == json.loads(json.dumps(outcome.summary))
+    assert recorded["captions_per_label"]["min"] >= 3
+    assert recorded["distinct_ratio"] == 1.0
+
+
+def test_interrupted_run_resumes_to_the_same_parts_as_an_uninterrupted_one(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    straight = stage.generate_text(config(labels_file, tmp_path / "straight"))
+    use_backend(ScriptedBackend(faithful, interrupt_at=6))
+    with pytest.raises(KeyboardInterrupt):
+        stage.generate_text(config(labels_file, tmp_path / "resumed"))
+    parts_before = part_bytes(tmp_path / "resumed")
+    assert 0 < len(parts_before) < len(part_bytes(tmp_path / "straight"))
+    resumed_backend = use_backend(ScriptedBackend(faithful))
+    resumed = stage.generate_text(config(labels_file, tmp_path / "resumed"))
+    assert part_bytes(tmp_path / "resumed") == part_bytes(tmp_path / "straight")
+    assert resumed.summary == straight.summary
+    assert len(resumed_backend.answers) == straight.summary["requested"] - 4 * len(parts_before)
+
+
+def test_unchanged_rerun_is_skipped_without_calling_the_model(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run"))
+    backend = use_backend(ScriptedBackend(faithful))
+    assert stage.generate_text(config(labels_file, tmp_path / "run")).status == "skipped"
+    assert backend.answers == []
+
+
+def test_shards_split_the_work_into_disjoint_mergeable_parts(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    for shard in (0, 1):
+        stage.generate_text(config(labels_file, tmp_path / f"shard{shard}", num_shards=2, shard_index=shard))
+    names = [set(part_bytes(tmp_path / f"shard{shard}")) for shard in (0, 1)]
+    assert names[0] and names[1] and not names[0] & names[1]
+    rows = read_captions(tmp_path / "shard0") + read_captions(tmp_path / "shard1")
+    assert len({row["caption_id"] for row in rows}) == len(rows)
+    assert len({row["text"] for row in rows}) == len(rows)
+    per_label = Counter(label for row in rows for label in row["labels"])
+    assert min(per_label[label] for label in LABELS) >= 3
+
+
+def test_same_seed_reproduces_the_same_prompts_and_another_seed_does_not(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    requested = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        stage.generate_text(config(labels_file, tmp_path / name, seed=seed))
+        requested[name] = [(row["requested"], row["prompt_id"]) for row in read_captions(tmp_path / name)]
+    assert requested["a"] == requested["b"] != requested["c"]
+
+
+def test_a_label_the_model_never_mentions_stops_after_max_rounds(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(lambda labels, seed: faithful([x for x in labels if x != "horse"] or ["dog"], seed)))
+    with pytest.raises(OvmlError, match="after 3 rounds, 1 labels still have fewer than 3 kept captions \\(horse\\)"):
+        stage.generate_text(config(labels_file, tmp_path / "run", max_rounds=3))
+
+
+def test_cooccurrence_sampling_pairs_labels_seen_together(tmp_path, labels_file, use_backend):
+    tags = tmp_path / "tags.txt"
+    tags.write_text("dog, cat\ncar, tree\nboat, horse\nchair, bicycle\ndog,cat,unknown tag\n", encoding="utf-8")
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run", sampling="cooccurrence", cooccurrence=str(tags),
+                               min_labels=2, max_labels=2))
+    pairs = {frozenset(row["requested"]) for row in read_captions(tmp_path / "run")}
+    assert pairs == {frozenset(p) for p in (("dog", "cat"), ("car", "tree"), ("boat", "horse"), ("chair", "bicycle"))}
+
+
+def test_similar_sampling_draws_companions_from_the_nearest_labels(tmp_path, use_backend, tiny_clip):
+    many = LABELS + ["bird", "sheep", "cow", "kite", "truck", "bench"]
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\n".join(many) + "\n", encoding="utf-8")
+    use_backend(ScriptedBackend(faithful, vocabulary=many))
+    stage.generate_text(config(labels_file, tmp_path / "run", sampling="similar", clip=tiny_clip, device="cpu",
+                               min_labels=2, max_labels=2, per_label=2))
+    embeddings = load_clip(tiny_clip, "cpu").encode_text(many)
+    similarity = embeddings @ embeddings.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = {many[i]: {many[j] for j in np.argsort(-similarity[i], kind="stable")[:8]} for i in range(len(many))}
+    for row in read_captions(tmp_path / "run"):
+        a, b = row["requested"]
+        assert b in nearest[a] or a in nearest[b]
+
+
+def test_cli_reports_a_missing_labels_file_in_one_line(tmp_path):
+    result = CliRunner().invoke(cli.app, ["generate-text", "--labels", str(tmp_path / "missing.txt"),
+                                          "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+    assert "Traceback" not in result.output

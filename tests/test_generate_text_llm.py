@@ -1,0 +1,124 @@
+"""generate-text with the real SmolLM2-135M: in process through llama-cpp, and over HTTP from a real
+`python -m llama_cpp.server`. Vocabularies stay small: the machine has two cores."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.llm import default_gguf
+from pipeline.vocabulary import MentionMatcher, parse_vocabulary
+from stages.generate_text import GenerateTextConfig, generate_text
+
+pytestmark = pytest.mark.slow
+
+LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle"]
+
+
+def write_labels(tmp_path: Path, labels: list[str]) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("\n".join(labels) + "\n", encoding="utf-8")
+    return path
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return pq.read_table(sorted((run_dir / "captions").glob("part-*.parquet"))).to_pylist()
+
+
+def part_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "captions").glob("part-*.parquet"))}
+
+
+def assert_verified_and_counted(run_dir: Path, labels: list[str], per_label: int, summary: dict) -> list[dict]:
+    rows = read_rows(run_dir)
+    matcher = MentionMatcher(parse_vocabulary("\n".join(labels)))
+    for row in rows:
+        assert row["labels"] == matcher.mentions(row["text"])
+        assert set(row["labels"]) & set(row["requested"])
+    per_label_kept = Counter(label for row in rows for label in row["labels"])
+    assert min(per_label_kept[label] for label in labels) >= per_label
+    assert summary["kept"] == len(rows) == len({row["caption_id"] for row in rows})
+    assert summary["kept"] + sum(summary["dropped"].values()) == summary["requested"]
+    return rows
+
+
+def test_smollm2_writes_verified_captions_for_every_label(tmp_path):
+    cfg = GenerateTextConfig(run_dir=tmp_path / "run", labels=str(write_labels(tmp_path, LABELS)), per_label=2,
+                             max_labels=3, max_tokens=48, part_size=8)
+    outcome = generate_text(cfg)
+    rows = assert_verified_and_counted(tmp_path / "run", LABELS, 2, outcome.summary)
+    assert {(row["backend"], row["model"]) for row in rows} == {("llama-cpp", default_gguf().name)}
+
+
+def test_killed_run_resumes_to_the_same_captions_as_an_uninterrupted_run(tmp_path):
+    labels = write_labels(tmp_path, LABELS[:4])
+    common = ["--labels", str(labels), "--per-label", "1", "--max-labels", "2", "--max-tokens", "48",
+              "--part-size", "1"]
+    generate_text(GenerateTextConfig(run_dir=tmp_path / "straight", labels=str(labels), per_label=1,
+                                     max_labels=2, max_tokens=48, part_size=1))
+    expected = part_bytes(tmp_path / "straight")
+    assert len(expected) >= 2
+    killed = subprocess.Popen([sys.executable, "-m", "cli", "generate-text", "--run-dir", str(tmp_path / "killed"),
+                               *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_part = tmp_path / "killed" / "captions" / "part-00000.parquet"
+    while not first_part.exists() and killed.poll() is None:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    survived = part_bytes(tmp_path / "killed")
+    assert 1 <= len(survived) < len(expected)
+    outcome = generate_text(GenerateTextConfig(run_dir=tmp_path / "killed", labels=str(labels), per_label=1,
+                                               max_labels=2, max_tokens=48, part_size=1))
+    assert outcome.reason == "resuming an interrupted run"
+    assert part_bytes(tmp_path / "killed") == expected
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def llama_server():
+    """A real OpenAI-compatible llama.cpp server with the SmolLM2 GGUF, on a free local port."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()),
+                               "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, "llama_cpp.server exited during start-up"
+            assert time.monotonic() < deadline, "llama_cpp.server did not become ready within 60 s"
+            try:
+                if httpx.get(f"{base_url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield base_url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_openai_backend_generates_through_a_real_llama_cpp_server(tmp_path, llama_server):
+    labels = LABELS[:4]
+    cfg = GenerateTextConfig(run_dir=tmp_path / "run", labels=str(write_labels(tmp_path, labels)), per_label=1,
+                             max_labels=2, max_tokens=48, backend="openai", base_url=llama_server, concurrency=2)
+    outcome = generate_text(cfg)
+    rows = assert_verified_and_counted(tmp_path / "run", labels, 1, outcome.summary)
+    assert {row["backend"] for row in rows} == {"openai"}
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["generate_text"]["summary"]["kept"] == len(rows)

@@ -1,0 +1,122 @@
+"""LLM backends: caption parsing and the OpenAI-compatible client's error handling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeline.errors import OvmlError
+from pipeline.llm import ChatRequest, OpenAIBackend, Sampling, VllmBackend, parse_caption
+
+SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=32)
+REQUEST = ChatRequest((("user", "Describe a dog."),), seed=7)
+
+
+def test_parse_caption_reads_the_json_object():
+    assert parse_caption('{"caption": "A dog on a beach."}') == "A dog on a beach."
+
+
+def test_parse_caption_tolerates_prose_and_whitespace_around_the_object():
+    assert parse_caption('Sure! {"note": 1} then {"caption": "  A dog\\n on a beach. "} done') == "A dog on a beach."
+
+
+@pytest.mark.parametrize("raw", ['{"caption": "A cat. }\n\nHow to', '{"text": "A cat."}', '{"caption": 3}',
+                                 '{"caption": "   "}', "", "A cat on a mat."])
+def test_parse_caption_returns_none_for_malformed_answers(raw):
+    assert parse_caption(raw) is None
+
+
+class ScriptedServer:
+    """A real HTTP server on 127.0.0.1 that answers /v1 requests from a list of (status, body) replies."""
+
+    def __init__(self, replies: list[tuple[int, dict]]):
+        self.replies = list(replies)
+        self.bodies: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                status, body = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                server.bodies[-1]["authorization"] = self.headers.get("Authorization")
+                self._reply()
+
+            do_GET = _reply
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def answer(text: str) -> tuple[int, dict]:
+    return 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
+
+@pytest.fixture
+def scripted_server(request):
+    server = ScriptedServer(request.param)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("scripted_server", [[(503, {}), (429, {}), answer('{"caption": "A dog."}')]],
+                         indirect=True)
+def test_openai_backend_retries_busy_servers_and_sends_seed_schema_and_key(scripted_server, monkeypatch):
+    monkeypatch.setenv("OVML_API_KEY", "secret")
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, concurrency=2, backoff=0.01)
+    assert list(backend.complete([REQUEST])) == ['{"caption": "A dog."}']
+    sent = scripted_server.bodies[-1]
+    assert (sent["seed"], sent["model"], sent["response_format"]["type"]) == (7, "m", "json_object")
+    assert sent["authorization"] == "Bearer secret"
+    assert len(scripted_server.bodies) == 3
+
+
+@pytest.mark.parametrize("scripted_server", [[(503, {})]], indirect=True)
+def test_openai_backend_gives_up_after_its_retries_with_a_one_line_error(scripted_server):
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, retries=2, backoff=0.01)
+    with pytest.raises(OvmlError, match="after 3 attempts"):
+        list(backend.complete([REQUEST]))
+    assert len(scripted_server.bodies) == 3
+
+
+@pytest.mark.parametrize("scripted_server", [[(404, {"error": "model 'm' not found"})]], indirect=True)
+def test_openai_backend_does_not_retry_client_errors(scripted_server):
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, backoff=0.01)
+    with pytest.raises(OvmlError, match="HTTP 404.*not found"):
+        list(backend.complete([REQUEST]))
+    assert len(scripted_server.bodies) == 1
+
+
+@pytest.mark.parametrize("scripted_server", [[(200, {"data": [{"id": "served-model"}]})]], indirect=True)
+def test_openai_backend_asks_the_server_for_its_model_when_none_is_given(scripted_server):
+    assert OpenAIBackend(scripted_server.url, None, SAMPLING).model == "served-model"
+
+
+def test_openai_backend_needs_a_base_url():
+    with pytest.raises(OvmlError, match="needs --base-url"):
+        OpenAIBackend(None, "m", SAMPLING)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_says_to_install_the_gpu_extra():
+    with pytest.raises(OvmlError, match="`gpu` extra"):
+        VllmBackend("HuggingFaceTB/SmolLM2-135M-Instruct", SAMPLING)
