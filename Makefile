@@ -29,7 +29,7 @@ test: install
 	$(VENV)/bin/pytest
 
 bench: install
-	$(PY) benchmarks/run_all.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -90,7 +90,9 @@ def generate_text(
     config: ConfigOpt = None,
     run_dir: RunDirOpt = None,
     labels: Annotated[str | None, typer.Option(help="Label vocabulary: a text file, one label per line "
-                                               "(optionally 'label: synonym, synonym').")] = None,
+                                               "(optionally 'label: synonym, synonym'), or a dataset split "
+                                               "such as nuswide:seen (with --dataset-root).")] = None,
+    dataset_root: Annotated[str | None, typer.Option(help="Dataset folder for --labels NAME:SPLIT.")] = None,
     per_label: Annotated[int | None, typer.Option(
         help="Kept captions each label must appear in. [default: 20]")] = None,
     min_labels: Annotated[int | None, typer.Option(help="Fewest labels named per prompt. [default: 1]")] = None,

@@ -1,6 +1,6 @@
 """LLM backends behind one interface: chat requests in, raw answer text out, in request order.
 
-Every backend asks for JSON `{"caption": "..."}` under a grammar or structured-output constraint; still,
+Every backend asks for JSON `{"caption": "..."}` (pre-filled, or a structured-output constraint); still,
 small models and foreign servers break it (cut off at max_tokens, extra prose), so `parse_caption`
 never trusts the answer and returns None instead of raising.
 """
@@ -77,18 +77,25 @@ def default_gguf() -> Path:
 
 
 class LlamaCppBackend:
-    """In-process llama.cpp on CPU, JSON-constrained by a grammar built from CAPTION_SCHEMA.
+    """In-process llama.cpp on CPU; the JSON shape is forced by the prompt, not by a grammar.
 
-    llama.cpp keeps the KV cache of the previous prompt and re-reads only what differs, which makes
-    shared prompt prefixes nearly free. On CPU that reuse gives the same answers as a cold start, so a
-    resumed run still reproduces an uninterrupted one (tests/test_generate_text_llm.py checks it).
+    The answer is pre-filled with `{"caption": "` after the GGUF's own chat template, and generation stops
+    at the first quote or newline, so the model writes only the caption's text and the JSON around it
+    cannot be malformed (an answer cut off at max_tokens is returned unterminated and counted as
+    unparseable). A llama.cpp JSON grammar gives the same shape but filters the whole 49k-token vocabulary
+    at every step: measured here on SmolLM2-135M, 1.20 s per caption with the grammar vs 0.59 s prefilled.
+    llama.cpp keeps the KV cache of the previous prompt, so the shared system prompt and examples are
+    read once; on CPU that reuse gives the same answers as a cold start, so a resumed run reproduces an
+    uninterrupted one (tests/test_generate_text_llm.py checks it).
     """
 
     name = "llama-cpp"
+    PREFILL = '{"caption": "'
 
     def __init__(self, model: str | None, sampling: Sampling, n_threads: int = 2, n_ctx: int = 1024):
         try:
-            from llama_cpp import Llama, LlamaGrammar
+            from llama_cpp import Llama
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError:
             raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
                             "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
@@ -98,16 +105,22 @@ class LlamaCppBackend:
         self.model = path.name
         self.sampling = sampling
         self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
-        self._grammar = LlamaGrammar.from_json_schema(json.dumps(CAPTION_SCHEMA), verbose=False)
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise OvmlError(f"{path} has no chat template in its metadata; use an instruction-tuned GGUF")
+        token_text = self._llm._model.token_get_text
+        self._format = Jinja2ChatFormatter(template=template, eos_token=token_text(self._llm.token_eos()),
+                                           bos_token=token_text(self._llm.token_bos()))
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
         for request in requests:
-            answer = self._llm.create_chat_completion(
-                messages=request.as_openai(), grammar=self._grammar, seed=request.seed,
-                temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-                max_tokens=self.sampling.max_tokens,
-            )
-            yield answer["choices"][0]["message"]["content"] or ""
+            prompt = self._format(messages=request.as_openai()).prompt + self.PREFILL
+            answer = self._llm.create_completion(
+                prompt, seed=request.seed, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                max_tokens=self.sampling.max_tokens, stop=['"', "\n"],
+            )["choices"][0]
+            text = answer["text"].rstrip("\\")
+            yield json.dumps({"caption": text}) if answer["finish_reason"] == "stop" else self.PREFILL + text
 
 
 class OpenAIBackend:

@@ -33,16 +33,13 @@ class Vocabulary:
         return {"labels": list(self.labels), "synonyms": {k: list(v) for k, v in self.synonyms.items()}}
 
 
-def load_vocabulary(spec: str) -> Vocabulary:
-    """A vocabulary from a label file; dataset splits (`nuswide:seen`) are recognised but not readable yet."""
+def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:
+    """A vocabulary from a label file, or a dataset's label split such as `nuswide:seen` (needs its root)."""
     if not spec:
         raise OvmlError("no label vocabulary given; pass --labels FILE (one label per line)")
     path = Path(spec)
     if not path.exists() and _DATASET_SPLIT.fullmatch(spec):
-        raise OvmlError(
-            f"dataset vocabularies like '{spec}' are not supported yet; pass a label file "
-            "(one label per line) to --labels"
-        )
+        return _dataset_split(spec, dataset_root)
     if not path.is_file():
         raise OvmlError(f"labels file {path} does not exist; pass a text file with one label per line to --labels")
     try:
@@ -50,6 +47,27 @@ def load_vocabulary(spec: str) -> Vocabulary:
     except UnicodeDecodeError:
         raise OvmlError(f"labels file {path} is not UTF-8 text; save it as UTF-8") from None
     return parse_vocabulary(text, source=str(path))
+
+
+def dataset_split_files(spec: str, dataset_root: str | None) -> list[Path]:
+    """The annotation files a dataset-split vocabulary comes from (empty for a label file)."""
+    if Path(spec).exists() or not _DATASET_SPLIT.fullmatch(spec):
+        return []
+    from pipeline.datasets import read_dataset
+
+    return read_dataset(spec.partition(":")[0], dataset_root).annotation_files
+
+
+def _dataset_split(spec: str, dataset_root: str | None) -> Vocabulary:
+    from pipeline.datasets import read_dataset
+
+    name, _, split = spec.partition(":")
+    if not dataset_root:
+        raise OvmlError(f"--labels {spec} reads the labels from the dataset: pass its folder with --dataset-root")
+    dataset = read_dataset(name, dataset_root)
+    if split not in dataset.splits:
+        raise OvmlError(f"{name} has no label split '{split}'; choose one of: {', '.join(dataset.splits)}")
+    return Vocabulary(list(dataset.splits[split]))
 
 
 def parse_vocabulary(text: str, source: str = "labels file") -> Vocabulary:

@@ -16,15 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 from pipeline import atomic
 from pipeline.clip import load_clip
 from pipeline.datasets import Dataset, Record, read_dataset
 from pipeline.errors import OvmlError
 from pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
+from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, run_stage
 
 DATASETS = Literal["nuswide", "openimages", "coco2014", "voc2007", "fashion-mnist", "folder"]
@@ -78,7 +76,7 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
         collate_fn=_collate,
     )
     started = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar("images") as progress:
         task = progress.add_task(f"embed-images {dataset.name}", total=len(records), completed=len(done))
         for rows, pixels, errors in loader:
             vectors = encoder.encode_image_batch(pixels) if pixels is not None else None
@@ -172,13 +170,3 @@ def _failures_table(records: list[Record], failed: pa.Table) -> pa.Table:
         "path": [records[row].path for row in rows],
         "error": failed["error"],
     }, schema=FAILURES_SCHEMA)
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.finished_speed or task.speed or 0:.1f} images/s", style="progress.data.speed")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True))

@@ -11,14 +11,12 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
 from pipeline.clip import autocast_dtype, load_clip, pick_device
 from pipeline.config import as_params
 from pipeline.errors import OvmlError
 from pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
+from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
 from pipeline.text_embeddings import text_embedding_parts, write_text_embeddings
 
@@ -68,7 +66,7 @@ def _embed_all(cfg: EmbedTextConfig, run_dir: RunDir, parts: list[Path], labels:
     encoder = load_clip(cfg.clip, cfg.device)
     todo = [p for p in parts if not (run_dir / TEXT_EMB / p.name).exists()]
     embedded, seconds = 0, 0.0
-    with _progress() as bar:
+    with progress_bar("texts") as bar:
         task = bar.add_task("captions", total=sum(pq.ParquetFile(p).metadata.num_rows for p in todo))
         for part in todo:
             caption_ids, texts = _read_captions(part)
@@ -115,14 +113,3 @@ def _read_captions(part: Path) -> tuple[list[str], list[str]]:
     if None in texts:
         raise OvmlError(f"{part} has captions without text; re-run `ovml generate-text --force`")
     return table["caption_id"].to_pylist(), texts
-
-
-class RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} texts/s", style="progress.data.speed")
-
-
-def _progress() -> Progress:
-    """On stderr, so that `ovml run --json` keeps stdout machine-readable."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True))

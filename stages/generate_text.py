@@ -24,15 +24,15 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 
 from pipeline import atomic
 from pipeline.config import as_params
 from pipeline.errors import OvmlError
 from pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
+from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, run_stage
-from pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
+from pipeline.vocabulary import MentionMatcher, Vocabulary, dataset_split_files, load_vocabulary
 from prompts import read_prompt_file
 
 PROMPTS_FILE = "caption_prompts.json"
@@ -58,6 +58,7 @@ CAPTION_SCHEMA = pa.schema([
 class GenerateTextConfig:
     run_dir: Path = Path("runs/default")
     labels: str = ""
+    dataset_root: str | None = None
     per_label: int = 20
     min_labels: int = 1
     max_labels: int = 4
@@ -89,10 +90,10 @@ class PlannedPrompt:
 
 def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
     _check(cfg)
-    vocabulary = load_vocabulary(cfg.labels)
+    vocabulary = load_vocabulary(cfg.labels, cfg.dataset_root)
     run_dir = RunDir(cfg.run_dir)
     params = {k: v for k, v in as_params(cfg).items() if k not in NOT_FINGERPRINTED}
-    inputs = [Path(cfg.labels)]
+    inputs = dataset_split_files(cfg.labels, cfg.dataset_root) or [Path(cfg.labels)]
     models = {"llm": cfg.model or (SMOLLM2_GGUF if cfg.backend == "llama-cpp" else "served by base_url")}
     if cfg.sampling == "cooccurrence":
         inputs.append(Path(cfg.cooccurrence))
@@ -338,7 +339,7 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) ->
     tally = ShardTally(vocabulary.labels)
     backend: LlmBackend | None = None
     part = 0
-    with _progress() as progress:
+    with progress_bar(TextColumn("prompts, {task.fields[kept]} kept, {task.fields[rate]}")) as progress:
         task = progress.add_task("generate-text", total=0, kept=0, rate="")
         started, kept_on_disk, kept_here = time.perf_counter(), 0, 0
 
@@ -379,9 +380,3 @@ def _stalled(tally: ShardTally, target: int, cfg: GenerateTextConfig) -> OvmlErr
     return OvmlError(f"after {cfg.max_rounds} rounds, {len(short)} labels still have fewer than {target} kept "
                      f"captions ({names}); the model rarely mentions them: add synonyms to the labels file, "
                      "lower --per-label or raise --max-rounds, then run again to resume")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("prompts, {task.fields[kept]} kept, {task.fields[rate]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=False)

@@ -17,8 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
 from pipeline import atomic, losses
 from pipeline.adapter import ARCHITECTURE, Adapter, model_kwargs, perturb, save_adapter
@@ -26,6 +24,7 @@ from pipeline.clip import pick_device
 from pipeline.config import as_params
 from pipeline.errors import OvmlError
 from pipeline.metrics import average_precision, mean_average_precision
+from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
 from pipeline.text_embeddings import embedding_matrix, read_text_embeddings
 
@@ -176,7 +175,7 @@ def _train(cfg: TrainAdapterConfig, rd: RunDir, data: TrainingData) -> dict:
     noise_rng = torch.Generator(device).manual_seed(cfg.seed)
     log: list[dict] = []
     best = {"val_mAP": -math.inf, "epoch": 0, "state": None}
-    with _progress() as progress:
+    with progress_bar("captions") as progress:
         task = progress.add_task("train-adapter", total=cfg.epochs * len(train))
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -227,13 +226,3 @@ def _validation_map(model: Adapter, x: torch.Tensor, y: torch.Tensor, label_emb:
     with torch.inference_mode():
         scores = torch.cat([model(chunk, label_emb) for chunk in x.split(8192)]).cpu().numpy()
     return mean_average_precision(average_precision(scores, y.cpu().numpy()))
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} captions/s", style="progress.data.speed")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                    TimeElapsedColumn())

@@ -89,6 +89,20 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def wait_until_running(workdir: Path, stage: str, process: subprocess.Popen) -> None:
+    """Poll the manifest until `stage` is recorded as running (the window a kill must land in)."""
+    manifest = workdir / "run" / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(manifest.read_text())["stages"].get(stage, {}).get("status") == "running":
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"{stage} was never seen running")
+
+
 def artifact_hashes(run_dir: Path) -> dict[str, str]:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     outputs = {}
@@ -99,19 +113,17 @@ def artifact_hashes(run_dir: Path) -> dict[str, str]:
 
 
 def test_second_run_on_the_same_run_dir_exits_75_naming_the_holder(shared, tiny_clip):
-    workdir, config = workdir_with_captions(shared, "locked", tiny_clip)
+    workdir, config = workdir_with_captions(shared, "locked", tiny_clip, epochs=5000)
     first = subprocess.Popen([*OVML, "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        lock = workdir / "run" / ".lock"
-        deadline = time.time() + 60
-        while time.time() < deadline and not (lock.exists() and lock.read_text().startswith("pid")):
-            time.sleep(0.02)
+        wait_until_running(workdir, "train_adapter", first)
         second = ovml_run(config)
         assert second.returncode == 75
         assert f"locked by pid {first.pid}" in second.stderr and second.stderr.strip().count("\n") == 0
     finally:
-        first.wait(timeout=600)
+        first.kill()
+        first.wait()
 
 
 def test_run_then_rerun_skips_every_stage_and_reports_metrics(shared, tiny_clip):
@@ -142,17 +154,8 @@ def test_kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_artifacts(shar
     workdir, config = workdir_with_captions(shared, f"killed-{stage}", tiny_clip, epochs=300)
     victim = subprocess.Popen([*OVML, "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    manifest = workdir / "run" / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        try:
-            record = json.loads(manifest.read_text())["stages"].get(stage, {})
-        except (FileNotFoundError, json.JSONDecodeError):
-            record = {}
-        if record.get("status") == "running":
-            os.kill(victim.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    wait_until_running(workdir, stage, victim)
+    os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL, f"the run finished before {stage} could be killed"
 
     resumed = ovml_run(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from test_datasets import voc2007_release
 
 from pipeline.errors import OvmlError
 from pipeline.vocabulary import MentionMatcher, load_vocabulary, parse_vocabulary, word_forms
@@ -41,9 +42,19 @@ def test_missing_file_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_dataset_split_vocabulary_is_reported_as_not_supported_yet():
-    with pytest.raises(OvmlError, match="'nuswide:seen' are not supported yet"):
+def test_dataset_split_vocabulary_needs_the_dataset_root():
+    with pytest.raises(OvmlError, match="pass its folder with --dataset-root"):
         load_vocabulary("nuswide:seen")
+
+
+def test_dataset_split_vocabulary_reads_the_split_from_the_dataset(tmp_path):
+    vocabulary = load_vocabulary("voc2007:all", str(voc2007_release(tmp_path)))
+    assert len(vocabulary.labels) == 20 and "dining table" in vocabulary.labels
+
+
+def test_unknown_dataset_split_lists_the_known_ones(tmp_path):
+    with pytest.raises(OvmlError, match="voc2007 has no label split 'unseen'; choose one of: all"):
+        load_vocabulary("voc2007:unseen", str(voc2007_release(tmp_path)))
 
 
 @pytest.mark.parametrize(("word", "plural"), [("dog", "dogs"), ("bus", "buses"), ("box", "boxes"),
