@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from pipeline.errors import OvmlError
-from pipeline.llm import ChatRequest, OpenAIBackend, Sampling, VllmBackend, parse_caption
+from pipeline.llm import CAPTION_SCHEMA, ChatRequest, OpenAIBackend, Sampling, VllmBackend, parse_caption
 
 SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=32)
 REQUEST = ChatRequest((("user", "Describe a dog."),), seed=7)
@@ -120,3 +122,53 @@ def test_openai_backend_needs_a_base_url():
 def test_vllm_backend_without_vllm_says_to_install_the_gpu_extra():
     with pytest.raises(OvmlError, match="`gpu` extra"):
         VllmBackend("HuggingFaceTB/SmolLM2-135M-Instruct", SAMPLING)
+
+
+def test_vllm_backend_calls_the_documented_offline_api_with_one_seeded_json_request_per_prompt(monkeypatch):
+    """A stand-in `vllm` module records what the backend asks of it.
+
+    vLLM needs a CUDA GPU, so it cannot run here. This proves only that the backend builds chat prompts
+    with the model's template, asks for CAPTION_SCHEMA as structured output with each request's own seed,
+    and returns answers in request order; it does not prove that vLLM accepts them or generates anything.
+    """
+    calls = {}
+
+    class Params:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert tokenize is False and add_generation_prompt is True
+            return "|".join(m["content"] for m in messages)
+
+    class LLM:
+        def __init__(self, model):
+            calls["model"] = model
+
+        def get_tokenizer(self):
+            return Tokenizer()
+
+        def generate(self, prompts, params, use_tqdm):
+            calls["prompts"], calls["params"] = prompts, params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f'{{"caption": "{p}"}}')])
+                    for p in prompts]
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, Params
+    sampling_params = types.ModuleType("vllm.sampling_params")
+    sampling_params.StructuredOutputsParams = lambda json: ("json", json)
+    vllm.sampling_params = sampling_params
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_params)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+
+    backend = VllmBackend("some/model", SAMPLING)
+    requests = [ChatRequest((("user", "a dog"),), seed=1), ChatRequest((("user", "a cat"),), seed=2)]
+    answers = list(backend.complete(requests))
+
+    assert calls["model"] == "some/model"
+    assert [parse_caption(a) for a in answers] == ["a dog", "a cat"]
+    assert [p.kwargs["seed"] for p in calls["params"]] == [1, 2]
+    assert calls["params"][0].kwargs["structured_outputs"] == ("json", CAPTION_SCHEMA)
+    assert calls["params"][0].kwargs["max_tokens"] == SAMPLING.max_tokens
