@@ -19,18 +19,11 @@ RANDOM_WEIGHTS_NOTE = "CLIP weights were random: these numbers measure cost only
 
 
 def eval_markdown(report: dict[str, Any]) -> str:
-    """report.json as a page: the random-weights warning first, then a method x metric table per protocol."""
-    lines = [f"> **{RANDOM_WEIGHTS_NOTE}**", ""] if report["random_weights"] else []
-    lines += [f"# ovml eval: {report['dataset']}", ""]
+    """report.json as a page: the headline tables, then plots, data counts, CLIP spec and adapter config."""
+    lines = [eval_tables(report), ""]
     for name, protocol in report["protocols"].items():
-        columns = list(protocol["metrics"][METHODS[0]])
-        lines += [f"## {name} ({len(protocol['labels'])} labels, {protocol['images']} images), in %", "",
-                  "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for method in METHODS:
-            values = protocol["metrics"][method]
-            lines.append(f"| {method} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
-        lines += ["", f"![per-label AP]({protocol['plots']['ap']}) ![precision-recall]({protocol['plots']['pr']})",
-                  ""]
+        lines += [f"![per-label AP, {name}]({protocol['plots']['ap']}) "
+                  f"![precision-recall, {name}]({protocol['plots']['pr']})", ""]
     lines += ["## Data", "",
               f"- images scored: {report['images']}",
               f"- images that could not be read (skipped by embed-images): {report['failures']}"]
@@ -41,6 +34,20 @@ def eval_markdown(report: dict[str, Any]) -> str:
                      f"{protocol['labels_with_positives']} of {len(protocol['labels'])} labels have a positive")
     lines += ["", "## CLIP", "", f"- spec: `{report['clip']}`", f"- random weights: {report['random_weights']}",
               "", "## Adapter", "", "```json", json.dumps(report["adapter"], indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def eval_tables(report: dict[str, Any]) -> str:
+    """The headline of a report: the random-weights warning, then a method x metric table per protocol."""
+    lines = [f"> **{RANDOM_WEIGHTS_NOTE}**", ""] if report["random_weights"] else []
+    lines.append(f"# ovml eval: {report['dataset']}")
+    for name, protocol in report["protocols"].items():
+        columns = list(protocol["metrics"][METHODS[0]])
+        lines += ["", f"## {name} ({len(protocol['labels'])} labels, {protocol['images']} images), in %", "",
+                  "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for method in METHODS:
+            values = protocol["metrics"][method]
+            lines.append(f"| {method} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -55,7 +55,7 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
     output = f"images/{dataset.name}"
     return run_stage(
-        run_dir, "embed_images", params=params,
+        run_dir, f"embed_images/{cfg.dataset}", params=params,
         # The annotation files define the dataset; hashing every image on each run would cost about as
         # much as embedding it, so an image edited in place needs --force.
         inputs=dataset.annotation_files,

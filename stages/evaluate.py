@@ -74,7 +74,7 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     run_dir.require("adapter", produced_by="train_adapter")
     output = f"eval/{cfg.dataset}"
     return run_stage(
-        run_dir, "eval", params={"dataset": cfg.dataset, "clip": cfg.clip},
+        run_dir, f"eval/{cfg.dataset}", params={"dataset": cfg.dataset, "clip": cfg.clip},
         inputs=files_under(run_dir.path, [cache, "adapter"]), outputs=[output],
         body=lambda resume: _evaluate(cfg, run_dir, run_dir / cache, run_dir / output),
         force=cfg.force, models={"clip": cfg.clip},

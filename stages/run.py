@@ -20,6 +20,7 @@ from rich.table import Table
 
 from pipeline.config import build_config, read_config_file
 from pipeline.errors import EXIT_OK, EXIT_STAGE_FAILED, OvmlError
+from pipeline.report import eval_tables
 from pipeline.rundir import lock_run_dir
 from stages.embed_images import EmbedImagesConfig, embed_images
 from stages.embed_text import EmbedTextConfig, embed_text
@@ -57,6 +58,7 @@ def run(cfg: RunConfig, config_path: Path | None) -> int:
             overrides["dataset"] = file_data.get("embed_images", {}).get("dataset")
         plan.append((section, build_config(config_cls, section, file_data, overrides, source=source), entry))
 
+    eval_cfg = {section: stage_cfg for section, stage_cfg, _ in plan}["eval"]
     console = Console(stderr=cfg.json)
     with lock_run_dir(cfg.run_dir, f"ovml run --config {config_path}"):
         log = _open_log(cfg.run_dir)
@@ -97,11 +99,10 @@ def run(cfg: RunConfig, config_path: Path | None) -> int:
     _print_summary(console, results)
     if cfg.json:
         print(json.dumps(summary, default=str))
-    elif exit_code == EXIT_OK:
-        report = cfg.run_dir / "eval"
-        for md in sorted(report.glob("*/report.md")):
-            console.rule(str(md))
-            console.print(md.read_text(encoding="utf-8"), highlight=False, markup=False)
+    elif exit_code == EXIT_OK and eval_cfg is not None:
+        report = eval_cfg.run_dir / "eval" / eval_cfg.dataset / "report.json"
+        console.rule(str(report.with_suffix(".md")))
+        console.print(eval_tables(json.loads(report.read_text(encoding="utf-8"))), highlight=False, markup=False)
     return exit_code
 
 

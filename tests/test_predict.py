@@ -6,29 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from test_eval import build_adapter
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.adapter import ARCHITECTURE, Adapter, save_adapter
-from pipeline.clip import load_clip
 
 LABELS = "cat,dog,beach,snow,car"
-
-
-def write_adapter(run_dir, clip, trained=True):
-    """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layer."""
-    dim = load_clip(clip).dim
-    torch.manual_seed(0)
-    model = Adapter(dim, hidden=16, dropout=0.0)
-    if trained:
-        torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
-    save_adapter(run_dir / "adapter", model, {
-        "architecture": {"name": ARCHITECTURE, "hidden": 16, "dropout": 0.0, "alpha": 0.5, "head": "cosine",
-                         "scale": 20.0},
-        "dim": dim, "clip": clip,
-    })
 
 
 @pytest.fixture
@@ -45,7 +29,7 @@ def photos(tmp_path):
 @pytest.fixture
 def run_dir(tmp_path, tiny_clip):
     run_dir = tmp_path / "run"
-    write_adapter(run_dir, tiny_clip)
+    build_adapter(run_dir, tiny_clip)
     return run_dir
 
 
@@ -89,7 +73,7 @@ def test_zero_shot_needs_no_adapter_and_scores_are_cosines(photos, tmp_path, tin
 
 def test_untrained_adapter_ranks_labels_like_zero_shot(photos, tmp_path, tiny_clip):
     run_dir = tmp_path / "run"
-    write_adapter(run_dir, tiny_clip, trained=False)
+    build_adapter(run_dir, tiny_clip, trained=False)
     common = ["--labels", LABELS, "--json", "--run-dir", run_dir, "--clip", tiny_clip]
     adapter = json.loads(ovml_predict(*photos, *common).stdout)
     zero_shot = json.loads(ovml_predict(*photos, *common, "--zero-shot").stdout)

@@ -106,7 +106,7 @@ def wait_until_running(workdir: Path, stage: str, process: subprocess.Popen) -> 
 def artifact_hashes(run_dir: Path) -> dict[str, str]:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     outputs = {}
-    for stage in ("embed_text", "train_adapter", "embed_images"):
+    for stage in ("embed_text", "train_adapter", "embed_images/folder"):
         outputs.update(manifest["stages"][stage]["outputs"])
     outputs.pop("adapter/train_log.parquet")  # has wall-clock seconds per epoch, so it differs run to run
     return outputs

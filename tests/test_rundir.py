@@ -73,9 +73,8 @@ def test_force_reruns(tmp_path):
     assert run_once(rd, calls, force=True).status == "ran"
 
 
-def test_interrupted_attempt_with_same_params_resumes_and_keeps_its_outputs(tmp_path):
-    rd = RunDir(tmp_path)
-
+def interrupt_then_rerun(rd: RunDir, params_on_rerun: dict) -> tuple[bool, bool]:
+    """Kill a stage after it wrote one shard, re-run it; what the re-run saw: (resume, shard still there)."""
     def dies(resume):
         atomic.write_text(rd / "out/part-0.txt", "done")
         raise KeyboardInterrupt
@@ -83,24 +82,17 @@ def test_interrupted_attempt_with_same_params_resumes_and_keeps_its_outputs(tmp_
     with pytest.raises(KeyboardInterrupt):
         run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"], body=dies)
     seen = []
-    run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"],
-              body=lambda resume: seen.append((resume, (tmp_path / "out/part-0.txt").exists())) or {})
-    assert seen == [(True, True)]
+    run_stage(rd, "demo", params=params_on_rerun, inputs=[], outputs=["out"],
+              body=lambda resume: seen.append((resume, (rd / "out/part-0.txt").exists())) or {})
+    return seen[0]
+
+
+def test_interrupted_attempt_with_same_params_resumes_and_keeps_its_outputs(tmp_path):
+    assert interrupt_then_rerun(RunDir(tmp_path), {"p": 1}) == (True, True)
 
 
 def test_interrupted_attempt_with_other_params_starts_clean(tmp_path):
-    rd = RunDir(tmp_path)
-
-    def dies(resume):
-        atomic.write_text(rd / "out/part-0.txt", "done")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"], body=dies)
-    seen = []
-    run_stage(rd, "demo", params={"p": 2}, inputs=[], outputs=["out"],
-              body=lambda resume: seen.append((resume, (tmp_path / "out/part-0.txt").exists())) or {})
-    assert seen == [(False, False)]
+    assert interrupt_then_rerun(RunDir(tmp_path), {"p": 2}) == (False, False)
 
 
 def test_lock_is_reentrant_in_one_process(tmp_path):
