@@ -152,9 +152,6 @@ class ClipEncoder:
         with torch.inference_mode():
             return _normalise(self.model.encode_image(pixels.to(self.device)))
 
-    def describe(self) -> dict:
-        return {"clip": str(self.spec), "dim": self.dim, "random_weights": self.random_weights}
-
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

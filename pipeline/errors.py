@@ -17,10 +17,5 @@ class OvmlError(Exception):
             self.exit_code = exit_code
 
 
-class NotImplementedYet(OvmlError):
-    def __init__(self, command: str):
-        super().__init__(f"`ovml {command}` is not implemented yet")
-
-
 class RunDirLocked(OvmlError):
     exit_code = EXIT_LOCKED
