@@ -99,11 +99,13 @@ def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool), float(value)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else None
     if hint is str:
         return isinstance(value, str), value
     if hint is Path:
-        return isinstance(value, str | Path), Path(value)
+        ok = isinstance(value, str | Path)
+        return ok, Path(value) if ok else None
     raise TypeError(f"config type {hint} is not supported")  # a programming error, not a user error
 
 

@@ -60,6 +60,17 @@ def test_wrong_type_is_named(tmp_path):
         build_config(DemoConfig, "train_adapter", data)
 
 
+def test_text_where_a_number_is_expected_is_named(tmp_path):
+    data = write(tmp_path, '[train_adapter]\nnoise = "high"\n')
+    with pytest.raises(OvmlError, match=r"'noise' in \[train_adapter\].* must be a number, got 'high'"):
+        build_config(DemoConfig, "train_adapter", data)
+
+
+def test_number_where_a_path_is_expected_is_named(tmp_path):
+    with pytest.raises(OvmlError, match="'run_dir' in top level of .* must be a path, got 5"):
+        build_config(DemoConfig, "train_adapter", write(tmp_path, "run_dir = 5\n"))
+
+
 def test_value_outside_a_choice_lists_the_choices(tmp_path):
     data = write(tmp_path, '[train_adapter]\nloss = "mse"\n')
     with pytest.raises(OvmlError, match="must be one of 'asl', 'bce'"):
