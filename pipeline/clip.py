@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 
 from pipeline.errors import OvmlError
 
@@ -211,11 +211,29 @@ class CausalTextTower:
         cast_dtype = t.transformer.get_cast_dtype()
         x = t.token_embedding(tokens[:, :length]).to(cast_dtype)
         x = x + t.positional_embedding[:length].to(cast_dtype)
-        x = t.transformer(x, attn_mask=t.attn_mask[:length, :length])
-        x = t.ln_final(x[torch.arange(len(x), device=x.device), positions])  # per-token norm: pool first
+        x = t.ln_final(self._pooled_hidden(x, positions, t.attn_mask[:length, :length]))  # per-token norm
         if isinstance(t.text_projection, torch.nn.Linear):
             return t.text_projection(x)
         return x if t.text_projection is None else x @ t.text_projection
+
+    def _pooled_hidden(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last block's output at the pooled positions only.
+
+        No later layer reads the other positions, so the last block runs its attention query and MLP for
+        the pooled token alone (keys after it are masked, as the causal mask would): ~1/layers less work.
+        """
+        transformer = self.tower.transformer
+        rows = torch.arange(len(x), device=x.device)
+        *blocks, last = transformer.resblocks
+        if not transformer.batch_first or type(last) is not ResidualAttentionBlock or hasattr(last, "ln_1_kv"):
+            return transformer(x, attn_mask=mask)[rows, positions]
+        for block in blocks:
+            x = block(x, attn_mask=mask)
+        h = last.ln_1(x)
+        after = torch.arange(x.shape[1], device=x.device) > positions[:, None]
+        attended = last.attn(h[rows, positions].unsqueeze(1), h, h, need_weights=False, key_padding_mask=after)[0]
+        pooled = x[rows, positions] + last.ls_1(attended[:, 0])
+        return pooled + last.ls_2(last.mlp(last.ln_2(pooled)))
 
 
 def _normalise(features: torch.Tensor) -> np.ndarray:
