@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -46,6 +47,14 @@ class Adapter(torch.nn.Module):
         if self.head == "cosine":
             h = F.normalize(h, dim=-1)
         return self.scale * h @ F.normalize(label_emb, dim=-1).T + self.bias
+
+    @torch.inference_mode()
+    def score(self, x: torch.Tensor, label_emb: torch.Tensor, batch_size: int = 8192) -> np.ndarray:
+        """Logits [n, L] as float32 numpy, batch by batch so no [n, hidden] activation is ever built whole."""
+        out = np.empty((len(x), len(label_emb)), dtype=np.float32)
+        for start in range(0, len(x), batch_size):
+            out[start:start + batch_size] = self(x[start:start + batch_size], label_emb).float().cpu().numpy()
+        return out
 
 
 def perturb(x: torch.Tensor, sigma: float, renorm: bool, generator: torch.Generator) -> torch.Tensor:

@@ -29,8 +29,9 @@ def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndar
     """float32 [n, d] from a fixed_size_list column, converted by Arrow in bulk (no loop per row)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(-1, column.type.list_size)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    # float32 comes back as a read-only view of Arrow's buffer; callers hand it to torch, which needs writable
+    return (values if values.flags.writeable else values.copy()).reshape(-1, column.type.list_size)
 
 
 def write_text_embeddings(path: Path, caption_ids: list[str], embeddings: np.ndarray, store_dtype: str,

@@ -6,9 +6,14 @@ Blank lines and lines starting with `#` are ignored. The order of the file is th
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import OvmlError
 
@@ -31,6 +36,29 @@ class Vocabulary:
 
     def as_json(self) -> dict:
         return {"labels": list(self.labels), "synonyms": {k: list(v) for k, v in self.synonyms.items()}}
+
+
+def read_vocabulary_json(path: Path) -> list[str]:
+    """The ordered training labels of captions/vocabulary.json, as generate-text wrote them."""
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    except (json.JSONDecodeError, AttributeError):
+        labels = None
+    if not labels or not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise OvmlError(f"{path} has no 'labels' list of strings; re-run `ovml generate-text --force`")
+    return labels
+
+
+def multi_hot(label_lists: pa.ChunkedArray, labels: list[str]) -> tuple[np.ndarray, list[str]]:
+    """([rows, len(labels)] bool, names outside `labels`) from a list<string> column, without a loop per row."""
+    lists = label_lists.combine_chunks()
+    names = pc.list_flatten(lists)
+    cols = pc.index_in(names, value_set=pa.array(labels, pa.string()))
+    unknown = pc.filter(names, pc.is_null(cols)).unique().to_pylist()
+    known = pc.is_valid(cols).to_numpy(zero_copy_only=False)
+    out = np.zeros((len(lists), len(labels)), dtype=bool)
+    out[pc.list_parent_indices(lists).to_numpy()[known], cols.to_numpy(zero_copy_only=False)[known]] = True
+    return out, unknown
 
 
 def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:

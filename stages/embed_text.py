@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pipeline.label_embeddings import label_embeddings, load_templates, template
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
 from pipeline.text_embeddings import text_embedding_parts, write_text_embeddings
+from pipeline.vocabulary import read_vocabulary_json
 
 CAPTIONS = "captions"
 VOCABULARY = "captions/vocabulary.json"
@@ -47,7 +47,7 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     if not parts:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
-    labels = _read_vocabulary(run_dir.require(VOCABULARY, produced_by="generate_text"))
+    labels = read_vocabulary_json(run_dir.require(VOCABULARY, produced_by="generate_text"))
     if cfg.batch_size < 1:
         raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
     autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
@@ -91,16 +91,6 @@ def _embed_all(cfg: EmbedTextConfig, run_dir: RunDir, parts: list[Path], labels:
         "store_dtype": cfg.store_dtype,
         "labels": len(labels),
     }
-
-
-def _read_vocabulary(path: Path) -> list[str]:
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
-    except (json.JSONDecodeError, AttributeError):
-        labels = None
-    if not labels or not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise OvmlError(f"{path} has no 'labels' list of strings; re-run `ovml generate-text --force`")
-    return labels
 
 
 def _read_captions(part: Path) -> tuple[list[str], list[str]]:

@@ -31,8 +31,7 @@ from pipeline.label_embeddings import label_embeddings
 from pipeline.metrics import evaluate_scores, micro_pr_curve
 from pipeline.report import METHODS, eval_markdown, plot_ap_scatter, plot_pr_curves
 from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
-
-SCORE_BATCH = 8192
+from pipeline.vocabulary import multi_hot
 
 
 @dataclass
@@ -92,7 +91,8 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
     encoder = load_clip(cfg.clip, cfg.device)
     label_emb = label_embeddings(encoder, score_labels, cache_dir=run_dir / "labels", name=cfg.dataset)
     adapter, adapter_config = load_adapter(run_dir / "adapter", cfg.clip, encoder.dim)
-    scores = {"adapter": _adapter_scores(adapter, vectors, label_emb), "zero-shot": vectors @ label_emb.T}
+    scores = {"adapter": adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb)),
+              "zero-shot": vectors @ label_emb.T}
     positives, ignored = ground_truth(items, score_labels)
     column = {label: i for i, label in enumerate(score_labels)}
 
@@ -153,36 +153,15 @@ def _score_labels(protocols: list[tuple[Protocol, list[str]]]) -> list[str]:
     return list(dict.fromkeys(label for _, protocol_labels in ordered for label in protocol_labels))
 
 
-def _adapter_scores(adapter: torch.nn.Module, vectors: np.ndarray, label_emb: np.ndarray) -> np.ndarray:
-    labels = torch.from_numpy(np.array(label_emb))  # cached embeddings come back read-only
-    out = np.empty((len(vectors), len(label_emb)), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(vectors), SCORE_BATCH):
-            batch = torch.from_numpy(vectors[start:start + SCORE_BATCH])
-            out[start:start + len(batch)] = adapter(batch, labels).numpy()
-    return out
-
-
 def ground_truth(items: pa.Table, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(positives, ignored) [n_items, n_labels] from items.parquet's label lists, without a per-row loop.
 
     A row with an explicit negatives list leaves every label in none of its lists unknown, i.e. ignored.
     """
-    marks = {name: _mark(items[name], labels) for name in ("positives", "negatives", "ignored")}
+    marks = {name: multi_hot(items[name], labels)[0] for name in ("positives", "negatives", "ignored")}
     has_negatives = pc.is_valid(items["negatives"]).to_numpy(zero_copy_only=False)
     unknown = has_negatives[:, None] & ~marks["positives"] & ~marks["negatives"]
     return marks["positives"], marks["ignored"] | unknown
-
-
-def _mark(column: pa.ChunkedArray, labels: list[str]) -> np.ndarray:
-    lists = column.combine_chunks()
-    rows = pc.list_parent_indices(lists).to_numpy()
-    cols = pc.index_in(pc.list_flatten(lists), value_set=pa.array(labels, pa.string()))
-    cols = cols.fill_null(-1).to_numpy(zero_copy_only=False)
-    known = cols >= 0
-    marked = np.zeros((len(lists), len(labels)), dtype=bool)
-    marked[rows[known], cols[known]] = True
-    return marked
 
 
 def _scores_table(image_ids: pa.ChunkedArray, scores: dict[str, np.ndarray]) -> pa.Table:

@@ -56,9 +56,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
         method, scores = "zero-shot", vectors @ label_emb.T
     else:
         adapter, _ = load_adapter(run_dir / "adapter", cfg.clip, encoder.dim)
-        with torch.inference_mode():
-            logits = adapter(torch.from_numpy(vectors), torch.from_numpy(np.array(label_emb)))  # cache is read-only
-        method, scores = "adapter", torch.sigmoid(logits).numpy()
+        logits = adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb))
+        method, scores = "adapter", torch.sigmoid(torch.from_numpy(logits)).numpy()
     best = np.argsort(-scores, axis=1, kind="stable")[:, :cfg.top_k]  # ties -> the label listed first
     return [
         {"image": path, "method": method, "random_weights": bool(encoder.random_weights),

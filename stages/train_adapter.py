@@ -27,6 +27,7 @@ from pipeline.metrics import average_precision, mean_average_precision
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
 from pipeline.text_embeddings import embedding_matrix, read_text_embeddings
+from pipeline.vocabulary import multi_hot, read_vocabulary_json
 
 LOSSES = {"asl": losses.asl, "bce": losses.bce, "rank": losses.rank}
 TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("val_mAP", pa.float64()),
@@ -104,7 +105,7 @@ def _check_clip_matches_embeddings(rd: RunDir, clip: str) -> None:
 
 def _read_training_data(rd: RunDir) -> TrainingData:
     """Captions' verified labels as targets, joined to their text embeddings by caption_id."""
-    vocabulary = json.loads((rd / "captions/vocabulary.json").read_text(encoding="utf-8"))["labels"]
+    vocabulary = read_vocabulary_json(rd / "captions/vocabulary.json")
     labels = pq.read_table(rd / "labels/train.parquet", columns=["label", "embedding"])
     if labels.column("label").to_pylist() != vocabulary:
         raise OvmlError(f"{rd / 'labels/train.parquet'} does not list the labels of captions/vocabulary.json in "
@@ -118,25 +119,21 @@ def _read_training_data(rd: RunDir) -> TrainingData:
     if row.null_count:
         raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
                         f"`ovml embed-text --run-dir {rd.path}`")
-    label_emb = embedding_matrix(labels.column("embedding")).copy()  # writable, as torch wants
+    label_emb = embedding_matrix(labels.column("embedding"))
     if label_emb.shape[1] != text_emb.shape[1]:
         raise OvmlError(f"label embeddings are {label_emb.shape[1]}-d but text embeddings {text_emb.shape[1]}-d; "
                         f"re-run `ovml embed-text --force --run-dir {rd.path}`")
     return TrainingData(torch.from_numpy(text_emb[row.to_numpy()]),
-                        torch.from_numpy(_multi_hot(captions.column("labels"), vocabulary)),
+                        torch.from_numpy(_targets(captions.column("labels"), vocabulary)),
                         torch.from_numpy(label_emb), vocabulary)
 
 
-def _multi_hot(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
-    array = labels.combine_chunks()
-    flat = pc.index_in(pc.list_flatten(array), value_set=pa.array(vocabulary, pa.string()))
-    if flat.null_count:
-        unknown = pc.filter(pc.list_flatten(array), pc.is_null(flat)).unique().to_pylist()[:3]
-        raise OvmlError(f"captions name labels outside captions/vocabulary.json (e.g. {unknown}); "
+def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
+    targets, unknown = multi_hot(labels, vocabulary)
+    if unknown:
+        raise OvmlError(f"captions name labels outside captions/vocabulary.json (e.g. {unknown[:3]}); "
                         "re-run generate-text so both come from the same vocabulary")
-    out = np.zeros((len(array), len(vocabulary)), dtype=bool)
-    out[pc.list_parent_indices(array).to_numpy(), flat.to_numpy()] = True
-    return out
+    return targets
 
 
 def _vocabulary_fingerprint(vocabulary: list[str]) -> str:
@@ -223,6 +220,4 @@ def _validation_map(model: Adapter, x: torch.Tensor, y: torch.Tensor, label_emb:
     if len(x) == 0:
         return math.nan
     model.eval()
-    with torch.inference_mode():
-        scores = torch.cat([model(chunk, label_emb) for chunk in x.split(8192)]).cpu().numpy()
-    return mean_average_precision(average_precision(scores, y.cpu().numpy()))
+    return mean_average_precision(average_precision(model.score(x, label_emb), y.cpu().numpy()))
