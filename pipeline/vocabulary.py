@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ _VOWELS = "aeiou"
 class Vocabulary:
     labels: list[str]
     synonyms: dict[str, list[str]] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)  # the files it was read from: the stage's inputs
 
     def as_json(self) -> dict:
         return {"labels": list(self.labels), "synonyms": {k: list(v) for k, v in self.synonyms.items()}}
@@ -74,16 +75,7 @@ def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise OvmlError(f"labels file {path} is not UTF-8 text; save it as UTF-8") from None
-    return parse_vocabulary(text, source=str(path))
-
-
-def dataset_split_files(spec: str, dataset_root: str | None) -> list[Path]:
-    """The annotation files a dataset-split vocabulary comes from (empty for a label file)."""
-    if Path(spec).exists() or not _DATASET_SPLIT.fullmatch(spec):
-        return []
-    from pipeline.datasets import read_dataset
-
-    return read_dataset(spec.partition(":")[0], dataset_root).annotation_files
+    return replace(parse_vocabulary(text, source=str(path)), sources=[path])
 
 
 def _dataset_split(spec: str, dataset_root: str | None) -> Vocabulary:
@@ -95,7 +87,7 @@ def _dataset_split(spec: str, dataset_root: str | None) -> Vocabulary:
     dataset = read_dataset(name, dataset_root)
     if split not in dataset.splits:
         raise OvmlError(f"{name} has no label split '{split}'; choose one of: {', '.join(dataset.splits)}")
-    return Vocabulary(list(dataset.splits[split]))
+    return Vocabulary(list(dataset.splits[split]), sources=list(dataset.annotation_files))
 
 
 def parse_vocabulary(text: str, source: str = "labels file") -> Vocabulary:

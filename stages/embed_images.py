@@ -24,6 +24,7 @@ from pipeline.errors import OvmlError
 from pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, run_stage
+from pipeline.text_embeddings import embedding_matrix
 
 DATASETS = Literal["nuswide", "openimages", "coco2014", "voc2007", "fashion-mnist", "folder"]
 
@@ -90,7 +91,7 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
         raise RuntimeError(f"chunks under {chunks} do not cover rows 0..{len(records) - 1} exactly once")
     ok = table.filter(pc.is_null(table["error"]))
     failed = table.filter(pc.is_valid(table["error"]))
-    vectors = ok["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ok), encoder.dim)
+    vectors = embedding_matrix(ok["embedding"])
     kept = [records[row] for row in ok["row"].to_pylist()]
     write_image_cache(directory, vectors, _items_table(kept), _failures_table(records, failed), {
         "dataset": dataset.name, "root": str(dataset.root), "clip": cfg.clip,

@@ -32,7 +32,7 @@ from pipeline.errors import OvmlError
 from pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
 from pipeline.progress import progress_bar
 from pipeline.rundir import RunDir, StageOutcome, run_stage
-from pipeline.vocabulary import MentionMatcher, Vocabulary, dataset_split_files, load_vocabulary
+from pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
 from prompts import read_prompt_file
 
 PROMPTS_FILE = "caption_prompts.json"
@@ -93,7 +93,7 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
     vocabulary = load_vocabulary(cfg.labels, cfg.dataset_root)
     run_dir = RunDir(cfg.run_dir)
     params = {k: v for k, v in as_params(cfg).items() if k not in NOT_FINGERPRINTED}
-    inputs = dataset_split_files(cfg.labels, cfg.dataset_root) or [Path(cfg.labels)]
+    inputs = list(vocabulary.sources)
     models = {"llm": cfg.model or (SMOLLM2_GGUF if cfg.backend == "llama-cpp" else "served by base_url")}
     if cfg.sampling == "cooccurrence":
         inputs.append(Path(cfg.cooccurrence))
