@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.config import build_config, read_config_file
-from pipeline.errors import OvmlError
+from ovml.pipeline.config import build_config, read_config_file
+from ovml.pipeline.errors import OvmlError
 
 app = typer.Typer(
     name="ovml",
@@ -72,7 +72,7 @@ def _call_stage(section: str, entry, config_cls, options: dict[str, Any], json_o
 def _print_outcome(outcome, json_out: bool) -> None:
     import json
 
-    from pipeline.rundir import StageOutcome
+    from ovml.pipeline.rundir import StageOutcome
 
     if not isinstance(outcome, StageOutcome):
         return
@@ -125,7 +125,7 @@ def generate_text(
 ) -> None:
     """Have an LLM write captions that mention several labels -> captions/part-*.parquet."""
     options = dict(locals())
-    from stages.generate_text import GenerateTextConfig, generate_text
+    from ovml.stages.generate_text import GenerateTextConfig, generate_text
 
     _call_stage("generate_text", generate_text, GenerateTextConfig, options)
 
@@ -146,7 +146,7 @@ def embed_text(
 ) -> None:
     """Embed captions and label prompt pools with the CLIP text tower -> text_emb/, labels/."""
     options = dict(locals())
-    from stages.embed_text import EmbedTextConfig, embed_text
+    from ovml.stages.embed_text import EmbedTextConfig, embed_text
 
     _call_stage("embed_text", embed_text, EmbedTextConfig, options)
 
@@ -185,7 +185,7 @@ def train_adapter(
 ) -> None:
     """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""
     options = dict(locals())
-    from stages.train_adapter import TrainAdapterConfig, train_adapter
+    from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 
     _call_stage("train_adapter", train_adapter, TrainAdapterConfig, options)
 
@@ -209,7 +209,7 @@ def embed_images(
 ) -> None:
     """Embed a dataset's images with the CLIP image tower -> images/<dataset>/ FAISS cache."""
     options = dict(locals())
-    from stages.embed_images import EmbedImagesConfig, embed_images
+    from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
     _call_stage("embed_images", embed_images, EmbedImagesConfig, options)
 
@@ -225,7 +225,7 @@ def evaluate(
 ) -> None:
     """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""
     options = dict(locals())
-    from stages.evaluate import EvalConfig, evaluate
+    from ovml.stages.evaluate import EvalConfig, evaluate
 
     _call_stage("eval", evaluate, EvalConfig, options)
 
@@ -246,8 +246,8 @@ def predict(
     """Open-vocabulary labels for images with the trained adapter (or --zero-shot CLIP)."""
     options = dict(locals())
     options.pop("json_out")
-    from pipeline.report import print_predictions
-    from stages.predict import PredictConfig, predict
+    from ovml.pipeline.report import print_predictions
+    from ovml.stages.predict import PredictConfig, predict
 
     print_predictions(_call_stage("predict", predict, PredictConfig, options), json_out, out)
 
@@ -262,7 +262,7 @@ def run(
 
     Exit codes: 0 ok, 1 a stage failed, 2 usage or config error, 75 another run holds the run directory.
     """
-    from stages.run import RunConfig, run
+    from ovml.stages.run import RunConfig, run
 
     config_path = config
     try:

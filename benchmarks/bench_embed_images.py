@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.clip import load_clip
-from stages.embed_images import EmbedImagesConfig, embed_images
+from ovml.pipeline.clip import load_clip
+from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
 
 def write_photos(folder: Path, count: int, seed: int = 0) -> Path:

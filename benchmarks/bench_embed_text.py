@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.clip import _normalise, load_clip
+from ovml.pipeline.clip import _normalise, load_clip
 
 SUBJECTS = ["a golden retriever", "two children", "an old fisherman", "a red bicycle", "a tabby cat",
             "a woman in a yellow raincoat", "a delivery truck", "three surfers", "a street vendor", "a horse"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.llm import default_gguf
-from stages.generate_text import GenerateTextConfig, generate_text
+from ovml.pipeline.llm import default_gguf
+from ovml.stages.generate_text import GenerateTextConfig, generate_text
 
 LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle", "person", "beach", "bus", "bird",
           "table", "cup", "umbrella", "train", "flower", "bench", "kite", "sheep", "truck", "clock", "book",

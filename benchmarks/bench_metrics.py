@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from pipeline.metrics import average_precision, f1_at_k, mean_average_precision
+from ovml.pipeline.metrics import average_precision, f1_at_k, mean_average_precision
 
 
 def main() -> None:

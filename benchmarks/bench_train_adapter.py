@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pipeline.adapter import Adapter, perturb
-from pipeline.clip import load_clip
-from pipeline.losses import asl
-from pipeline.text_embeddings import embedding_array, write_text_embeddings
-from stages.train_adapter import TrainAdapterConfig, train_adapter
+from ovml.pipeline.adapter import Adapter, perturb
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.losses import asl
+from ovml.pipeline.text_embeddings import embedding_array, write_text_embeddings
+from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 
 DIM = 512
 N_CTX = 16

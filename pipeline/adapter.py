@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from pipeline import atomic
-from pipeline.errors import OvmlError
+from ovml.pipeline import atomic
+from ovml.pipeline.errors import OvmlError
 
 ARCHITECTURE = "residual-mlp"
 WEIGHTS = "model.safetensors"

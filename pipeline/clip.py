@@ -22,13 +22,13 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 
-from pipeline.errors import OvmlError
+from ovml.pipeline.errors import OvmlError
 
 RANDOM = "random"
 RANDOM_SEED = 0
 TINY_ARCH = "ovml-tiny"
 
-open_clip.add_model_config(Path(str(files("pipeline").joinpath("clip_configs"))))
+open_clip.add_model_config(Path(str(files("ovml.pipeline").joinpath("clip_configs"))))
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def save_random_checkpoint(arch: str, path: str | Path, seed: int = RANDOM_SEED)
     """Write a seeded random open_clip checkpoint (safetensors, flagged as random in its metadata)."""
     from safetensors.torch import save_file
 
-    from pipeline import atomic
+    from ovml.pipeline import atomic
 
     torch.manual_seed(seed)
     logging.disable(logging.WARNING)

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import OvmlError
+from ovml.pipeline.errors import OvmlError
 
 SHARED_KEYS = ("run_dir", "clip", "seed", "device")
 SECTIONS = ("generate_text", "embed_text", "train_adapter", "embed_images", "eval", "predict", "run")

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.clip import ClipEncoder
-from pipeline.errors import OvmlError
-from pipeline.text_embeddings import embedding_array, embedding_matrix
+from ovml.pipeline import atomic
+from ovml.pipeline.clip import ClipEncoder
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.text_embeddings import embedding_array, embedding_matrix
 
 TEMPLATE_KINDS = ("pool", "single")
 FINGERPRINT_KEY = "ovml_fingerprint"
@@ -31,7 +31,7 @@ def load_templates(kind: str = "pool") -> list[str]:
     """The prompt pool from prompts/label_templates.txt; 'single' is its first line, "a photo of a {}."."""
     if kind not in TEMPLATE_KINDS:
         raise OvmlError(f"templates '{kind}' is not one of {', '.join(TEMPLATE_KINDS)}")
-    text = files("prompts").joinpath("label_templates.txt").read_text(encoding="utf-8")
+    text = files("ovml.prompts").joinpath("label_templates.txt").read_text(encoding="utf-8")
     pool = [line.strip() for line in text.splitlines() if line.strip()]
     return pool if kind == "pool" else pool[:1]
 

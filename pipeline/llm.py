@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.errors import OvmlError
+from ovml.pipeline.errors import OvmlError
 
 CAPTION_SCHEMA = {
     "type": "object",

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import atomic
+from ovml.pipeline import atomic
 
 METHODS = ("adapter", "zero-shot")
 RANDOM_WEIGHTS_NOTE = "CLIP weights were random: these numbers measure cost only, never accuracy."

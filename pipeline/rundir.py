@@ -25,8 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
-from pipeline.errors import OvmlError, RunDirLocked
+from ovml.pipeline import atomic
+from ovml.pipeline.errors import OvmlError, RunDirLocked
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.errors import OvmlError
+from ovml.pipeline import atomic
+from ovml.pipeline.errors import OvmlError
 
 STORE_DTYPES = ("float32", "float16")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import OvmlError
+from ovml.pipeline.errors import OvmlError
 
 # English plurals that no suffix rule produces; common object labels need them (person/people).
 IRREGULAR_PLURALS = {
@@ -79,7 +79,7 @@ def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:
 
 
 def _dataset_split(spec: str, dataset_root: str | None) -> Vocabulary:
-    from pipeline.datasets import read_dataset
+    from ovml.pipeline.datasets import read_dataset
 
     name, _, split = spec.partition(":")
     if not dataset_root:

@@ -17,14 +17,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import atomic
-from pipeline.clip import load_clip
-from pipeline.datasets import Dataset, Record, read_dataset
-from pipeline.errors import OvmlError
-from pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
-from pipeline.progress import progress_bar
-from pipeline.rundir import RunDir, StageOutcome, run_stage
-from pipeline.text_embeddings import embedding_matrix
+from ovml.pipeline import atomic
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.datasets import Dataset, Record, read_dataset
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
+from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.text_embeddings import embedding_matrix
 
 DATASETS = Literal["nuswide", "openimages", "coco2014", "voc2007", "fashion-mnist", "folder"]
 

@@ -11,14 +11,14 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.clip import autocast_dtype, load_clip, pick_device
-from pipeline.config import as_params
-from pipeline.errors import OvmlError
-from pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
-from pipeline.progress import progress_bar
-from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
-from pipeline.text_embeddings import text_embedding_parts, write_text_embeddings
-from pipeline.vocabulary import read_vocabulary_json
+from ovml.pipeline.clip import autocast_dtype, load_clip, pick_device
+from ovml.pipeline.config import as_params
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
+from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+from ovml.pipeline.text_embeddings import text_embedding_parts, write_text_embeddings
+from ovml.pipeline.vocabulary import read_vocabulary_json
 
 CAPTIONS = "captions"
 VOCABULARY = "captions/vocabulary.json"

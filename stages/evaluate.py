@@ -21,17 +21,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline import atomic
-from pipeline.adapter import load_adapter
-from pipeline.clip import load_clip
-from pipeline.datasets import LAYOUTS
-from pipeline.errors import OvmlError
-from pipeline.image_cache import read_image_cache
-from pipeline.label_embeddings import label_embeddings
-from pipeline.metrics import evaluate_scores, micro_pr_curve
-from pipeline.report import METHODS, eval_markdown, plot_ap_scatter, plot_pr_curves
-from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
-from pipeline.vocabulary import multi_hot
+from ovml.pipeline import atomic
+from ovml.pipeline.adapter import load_adapter
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.datasets import LAYOUTS
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.image_cache import read_image_cache
+from ovml.pipeline.label_embeddings import label_embeddings
+from ovml.pipeline.metrics import evaluate_scores, micro_pr_curve
+from ovml.pipeline.report import METHODS, eval_markdown, plot_ap_scatter, plot_pr_curves
+from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+from ovml.pipeline.vocabulary import multi_hot
 
 
 @dataclass

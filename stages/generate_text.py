@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import TextColumn
 
-from pipeline import atomic
-from pipeline.config import as_params
-from pipeline.errors import OvmlError
-from pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
-from pipeline.progress import progress_bar
-from pipeline.rundir import RunDir, StageOutcome, run_stage
-from pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
-from prompts import read_prompt_file
+from ovml.pipeline import atomic
+from ovml.pipeline.config import as_params
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
+from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
+from ovml.prompts import read_prompt_file
 
 PROMPTS_FILE = "caption_prompts.json"
 MIN_WORDS = 3  # "dog beach" is a tag list, not a caption
@@ -199,7 +199,7 @@ def _sampler(cfg: GenerateTextConfig, vocabulary: Vocabulary) -> LabelSetSampler
     if cfg.sampling == "uniform":
         return LabelSetSampler(vocabulary.labels, np.ones((n, n)))
     if cfg.sampling == "similar":
-        from pipeline.clip import load_clip
+        from ovml.pipeline.clip import load_clip
 
         embeddings = load_clip(cfg.clip, cfg.device).encode_text(vocabulary.labels)
         similarity = embeddings @ embeddings.T

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.adapter import load_adapter
-from pipeline.clip import load_clip
-from pipeline.errors import OvmlError
-from pipeline.label_embeddings import label_embeddings
-from pipeline.rundir import RunDir
+from ovml.pipeline.adapter import load_adapter
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.label_embeddings import label_embeddings
+from ovml.pipeline.rundir import RunDir
 
 IMAGE_BATCH = 32
 

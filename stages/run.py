@@ -18,15 +18,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.config import build_config, read_config_file
-from pipeline.errors import EXIT_OK, EXIT_STAGE_FAILED, OvmlError
-from pipeline.report import eval_tables
-from pipeline.rundir import lock_run_dir
-from stages.embed_images import EmbedImagesConfig, embed_images
-from stages.embed_text import EmbedTextConfig, embed_text
-from stages.evaluate import EvalConfig, evaluate
-from stages.generate_text import GenerateTextConfig, generate_text
-from stages.train_adapter import TrainAdapterConfig, train_adapter
+from ovml.pipeline.config import build_config, read_config_file
+from ovml.pipeline.errors import EXIT_OK, EXIT_STAGE_FAILED, OvmlError
+from ovml.pipeline.report import eval_tables
+from ovml.pipeline.rundir import lock_run_dir
+from ovml.stages.embed_images import EmbedImagesConfig, embed_images
+from ovml.stages.embed_text import EmbedTextConfig, embed_text
+from ovml.stages.evaluate import EvalConfig, evaluate
+from ovml.stages.generate_text import GenerateTextConfig, generate_text
+from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 
 PIPELINE = [
     ("generate_text", GenerateTextConfig, generate_text),

@@ -18,16 +18,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import atomic, losses
-from pipeline.adapter import ARCHITECTURE, Adapter, model_kwargs, perturb, save_adapter
-from pipeline.clip import pick_device
-from pipeline.config import as_params
-from pipeline.errors import OvmlError
-from pipeline.metrics import average_precision, mean_average_precision
-from pipeline.progress import progress_bar
-from pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
-from pipeline.text_embeddings import embedding_matrix, read_text_embeddings
-from pipeline.vocabulary import multi_hot, read_vocabulary_json
+from ovml.pipeline import atomic, losses
+from ovml.pipeline.adapter import ARCHITECTURE, Adapter, model_kwargs, perturb, save_adapter
+from ovml.pipeline.clip import pick_device
+from ovml.pipeline.config import as_params
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.metrics import average_precision, mean_average_precision
+from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+from ovml.pipeline.text_embeddings import embedding_matrix, read_text_embeddings
+from ovml.pipeline.vocabulary import multi_hot, read_vocabulary_json
 
 LOSSES = {"asl": losses.asl, "bce": losses.bce, "rank": losses.rank}
 TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("val_mAP", pa.float64()),

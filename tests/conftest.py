@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.clip import TINY_ARCH, save_random_checkpoint
+from ovml.pipeline.clip import TINY_ARCH, save_random_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.adapter import Adapter, load_adapter, perturb, save_adapter
-from pipeline.errors import OvmlError
+from ovml.pipeline.adapter import Adapter, load_adapter, perturb, save_adapter
+from ovml.pipeline.errors import OvmlError
 
 DIM = 16
 

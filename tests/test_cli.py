@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-OVML = [sys.executable, "-m", "cli"]
+OVML = [sys.executable, "-m", "ovml.cli"]
 COMMANDS = ["generate-text", "embed-text", "train-adapter", "embed-images", "eval", "run", "predict"]
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.clip import ClipSpec, load_clip
-from pipeline.errors import OvmlError
+from ovml.pipeline.clip import ClipSpec, load_clip
+from ovml.pipeline.errors import OvmlError
 
 
 def test_two_texts_and_an_image_embed_to_unit_vectors_of_the_model_width(tiny_clip):

@@ -6,8 +6,8 @@ from typing import Literal
 
 import pytest
 
-from pipeline.config import build_config, read_config_file
-from pipeline.errors import OvmlError
+from ovml.pipeline.config import build_config, read_config_file
+from ovml.pipeline.errors import OvmlError
 
 
 @dataclass

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import FASHION_MNIST_CLASSES, VOC_CLASSES, read_dataset
-from pipeline.errors import OvmlError
+from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, VOC_CLASSES, read_dataset
+from ovml.pipeline.errors import OvmlError
 
 
 def write_jpeg(path: Path, shade: int) -> None:

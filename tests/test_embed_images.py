@@ -24,12 +24,12 @@ from test_datasets import (
 )
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.clip import load_clip
-from pipeline.datasets import read_dataset
-from pipeline.errors import OvmlError
-from pipeline.image_cache import read_image_cache
-from stages.embed_images import EmbedImagesConfig, embed_images
+from ovml.cli import app
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.datasets import read_dataset
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.image_cache import read_image_cache
+from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
 
 def config(tmp_path: Path, clip: str, dataset: str, root: Path, **overrides) -> EmbedImagesConfig:

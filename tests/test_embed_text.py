@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.clip import load_clip
-from pipeline.errors import OvmlError
-from pipeline.label_embeddings import label_embeddings
-from pipeline.text_embeddings import read_text_embeddings
-from stages.embed_text import EmbedTextConfig, embed_text
+from ovml.cli import app
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.label_embeddings import label_embeddings
+from ovml.pipeline.text_embeddings import read_text_embeddings
+from ovml.stages.embed_text import EmbedTextConfig, embed_text
 
 VOCABULARY = ["dog", "beach", "bicycle"]
 PARTS = {

@@ -5,8 +5,8 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.clip import CausalTextTower, ClipEncoder, ClipSpec, load_clip
-from pipeline.errors import OvmlError
+from ovml.pipeline.clip import CausalTextTower, ClipEncoder, ClipSpec, load_clip
+from ovml.pipeline.errors import OvmlError
 
 TEXTS_OF_VERY_DIFFERENT_LENGTHS = [
     "dog",

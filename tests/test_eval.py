@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import atomic
-from pipeline.adapter import ARCHITECTURE, Adapter, save_adapter
-from pipeline.clip import load_clip
-from pipeline.errors import OvmlError
-from pipeline.image_cache import ITEMS_SCHEMA, write_index
-from pipeline.label_embeddings import label_embeddings
-from pipeline.metrics import average_precision
-from stages.evaluate import EvalConfig, evaluate, ground_truth
+from ovml.pipeline import atomic
+from ovml.pipeline.adapter import ARCHITECTURE, Adapter, save_adapter
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.image_cache import ITEMS_SCHEMA, write_index
+from ovml.pipeline.label_embeddings import label_embeddings
+from ovml.pipeline.metrics import average_precision
+from ovml.stages.evaluate import EvalConfig, evaluate, ground_truth
 
 NUSWIDE_LABELS = ["sky", "dog", "beach", "car", "tree", "boat", "snow", "person"]
 UNSEEN = ["beach", "snow", "boat"]
@@ -234,7 +234,7 @@ def test_cache_embedded_with_another_clip_is_refused(nuswide_run, tiny_clip):
 def test_eval_after_embed_images_counts_the_unreadable_image(tmp_path, tiny_clip):
     from PIL import Image
 
-    from stages.embed_images import EmbedImagesConfig, embed_images
+    from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
     photos = tmp_path / "photos"
     photos.mkdir()

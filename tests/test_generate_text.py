@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import cli
-import stages.generate_text as stage
-from pipeline.clip import load_clip
-from pipeline.errors import OvmlError
-from pipeline.llm import ChatRequest
-from pipeline.vocabulary import MentionMatcher, parse_vocabulary
+from ovml import cli
+import ovml.stages.generate_text as stage
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.llm import ChatRequest
+from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
 
 LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle"]
 

@@ -16,9 +16,9 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.llm import default_gguf
-from pipeline.vocabulary import MentionMatcher, parse_vocabulary
-from stages.generate_text import GenerateTextConfig, generate_text
+from ovml.pipeline.llm import default_gguf
+from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
+from ovml.stages.generate_text import GenerateTextConfig, generate_text
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_killed_run_resumes_to_the_same_captions_as_an_uninterrupted_run(tmp_pat
                                      max_labels=2, max_tokens=48, part_size=1))
     expected = part_bytes(tmp_path / "straight")
     assert len(expected) >= 2
-    killed = subprocess.Popen([sys.executable, "-m", "cli", "generate-text", "--run-dir", str(tmp_path / "killed"),
+    killed = subprocess.Popen([sys.executable, "-m", "ovml.cli", "generate-text", "--run-dir", str(tmp_path / "killed"),
                                *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_part = tmp_path / "killed" / "captions" / "part-00000.parquet"
     while not first_part.exists() and killed.poll() is None:

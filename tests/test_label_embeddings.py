@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.clip import TINY_ARCH, load_clip, save_random_checkpoint
-from pipeline.errors import OvmlError
-from pipeline.label_embeddings import label_embeddings, load_templates
+from ovml.pipeline.clip import TINY_ARCH, load_clip, save_random_checkpoint
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.label_embeddings import label_embeddings, load_templates
 
 LABELS = ["dog", "beach", "traffic light"]
 

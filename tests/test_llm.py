@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.errors import OvmlError
-from pipeline.llm import CAPTION_SCHEMA, ChatRequest, OpenAIBackend, Sampling, VllmBackend, parse_caption
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.llm import CAPTION_SCHEMA, ChatRequest, OpenAIBackend, Sampling, VllmBackend, parse_caption
 
 SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=32)
 REQUEST = ChatRequest((("user", "Describe a dog."),), seed=7)

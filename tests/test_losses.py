@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from pipeline.losses import asl, bce, rank
+from ovml.pipeline.losses import asl, bce, rank
 
 
 def test_asl_keeps_positive_log_loss_and_shrinks_negatives_by_focusing_and_clipping():

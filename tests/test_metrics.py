@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from pipeline.metrics import average_precision, evaluate_scores, f1_at_k, mean_average_precision, top_k_mask
+from ovml.pipeline.metrics import average_precision, evaluate_scores, f1_at_k, mean_average_precision, top_k_mask
 
 
 def _random_problem(seed: int, n: int = 120, n_labels: int = 17, levels: int | None = None):

@@ -10,7 +10,7 @@ from PIL import Image
 from test_eval import build_adapter
 from typer.testing import CliRunner
 
-from cli import app
+from ovml.cli import app
 
 LABELS = "cat,dog,beach,snow,car"
 

@@ -20,7 +20,7 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 LABELS = {"cat": (200, 60, 60), "dog": (60, 200, 60), "car": (60, 60, 200), "tree": (200, 200, 60)}
-OVML = [sys.executable, "-m", "cli"]
+OVML = [sys.executable, "-m", "ovml.cli"]
 
 
 def write_config(workdir: Path, tiny_clip: str, noise: float = 0.04, epochs: int = 30) -> Path:

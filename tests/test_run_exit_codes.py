@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-OVML = [sys.executable, "-m", "cli"]
+OVML = [sys.executable, "-m", "ovml.cli"]
 
 
 def run(config) -> subprocess.CompletedProcess:

@@ -9,9 +9,9 @@ import textwrap
 import pyarrow as pa
 import pytest
 
-from pipeline import atomic
-from pipeline.errors import RunDirLocked
-from pipeline.rundir import RunDir, lock_run_dir, run_stage
+from ovml.pipeline import atomic
+from ovml.pipeline.errors import RunDirLocked
+from ovml.pipeline.rundir import RunDir, lock_run_dir, run_stage
 
 
 def make_stage(rd: RunDir, calls: list, value: str = "x"):
@@ -103,7 +103,7 @@ def test_lock_is_reentrant_in_one_process(tmp_path):
 def test_second_process_is_refused_with_the_holder_named(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from pipeline.rundir import lock_run_dir
+        from ovml.pipeline.rundir import lock_run_dir
         with lock_run_dir({str(tmp_path)!r}, "ovml run"):
             print("locked", flush=True)
             time.sleep(30)

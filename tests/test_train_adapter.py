@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.adapter import load_adapter
-from pipeline.errors import OvmlError
-from pipeline.metrics import average_precision, mean_average_precision
-from pipeline.text_embeddings import embedding_array, write_text_embeddings
-from stages.train_adapter import TrainAdapterConfig, train_adapter
+from ovml.pipeline.adapter import load_adapter
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.metrics import average_precision, mean_average_precision
+from ovml.pipeline.text_embeddings import embedding_array, write_text_embeddings
+from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 
 CLIP = "sim:unit-test"
 

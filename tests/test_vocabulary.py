@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_datasets import voc2007_release
 
-from pipeline.errors import OvmlError
-from pipeline.vocabulary import MentionMatcher, load_vocabulary, parse_vocabulary, word_forms
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.vocabulary import MentionMatcher, load_vocabulary, parse_vocabulary, word_forms
 
 
 def matcher(text: str) -> MentionMatcher:
