@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from ovml.pipeline.adapter import Adapter, perturb
+from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.losses import asl
 from ovml.pipeline.text_embeddings import embedding_array, write_text_embeddings
@@ -61,7 +61,8 @@ def synthetic_run(root: Path, captions: int, labels: int, seed: int = 0) -> Path
 
 def adapter_step_seconds(cfg: TrainAdapterConfig, labels: int, repeats: int = 20) -> float:
     torch.manual_seed(0)
-    model = Adapter(DIM, cfg.hidden, cfg.dropout, cfg.alpha, cfg.head, cfg.scale).train()
+    model = Adapter(AdapterConfig(dim=DIM, clip=cfg.clip, vocabulary=[], hidden=cfg.hidden, dropout=cfg.dropout,
+                                  alpha=cfg.alpha, head=cfg.head, scale=cfg.scale)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     label_emb = F.normalize(torch.randn(labels, DIM), dim=-1)
     x = F.normalize(torch.randn(cfg.batch_size, DIM), dim=-1)

@@ -7,6 +7,7 @@ so an adapter trained on one vocabulary scores any other label list.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +18,43 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ovml.pipeline import atomic
+from ovml.pipeline.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ovml.pipeline.errors import OvmlError
 
 ARCHITECTURE = "residual-mlp"
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+WEIGHTS = Path(ADAPTER_WEIGHTS).name
+CONFIG = Path(ADAPTER_CONFIG).name
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild and use an adapter, saved beside its weights as config.json.
+
+    `vocabulary` is the caption vocabulary it was trained on (labels outside it are unseen) and
+    `label_templates` the prompt kind of its training label embeddings, which eval and predict reuse so
+    that training and test labels are embedded alike.
+    """
+
+    dim: int
+    clip: str
+    vocabulary: list[str]
+    label_templates: Literal["pool", "single"] = "pool"
+    hidden: int = 512
+    dropout: float = 0.1
+    alpha: float = 0.5
+    head: Literal["cosine", "magnitude"] = "cosine"
+    scale: float = 20.0
+    architecture: str = ARCHITECTURE
+    training: dict[str, Any] = field(default_factory=dict)  # how it was trained: noise, loss, seed, best epoch...
+    ovml_version: str = ""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Raises KeyError/TypeError/ValueError on a file that is not an adapter config of this version."""
+        config = cls(**data)
+        if config.architecture != ARCHITECTURE:
+            raise ValueError(f"architecture {config.architecture!r}")
+        return config
 
 
 class Adapter(torch.nn.Module):
@@ -31,12 +64,13 @@ class Adapter(torch.nn.Module):
     shared scalar: a per-label bias would not exist for labels unseen in training.
     """
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.1, alpha: float = 0.5,
-                 head: Literal["cosine", "magnitude"] = "cosine", scale: float = 20.0):
+    def __init__(self, config: AdapterConfig):
         super().__init__()
-        self.head, self.alpha, self.scale = head, alpha, scale
+        self.config = config
+        self.head, self.alpha, self.scale = config.head, config.alpha, config.scale
         self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, dim)
+            torch.nn.Linear(config.dim, config.hidden), torch.nn.GELU(), torch.nn.Dropout(config.dropout),
+            torch.nn.Linear(config.hidden, config.dim),
         )
         torch.nn.init.zeros_(self.mlp[-1].weight)
         torch.nn.init.zeros_(self.mlp[-1].bias)
@@ -64,38 +98,31 @@ def perturb(x: torch.Tensor, sigma: float, renorm: bool, generator: torch.Genera
     return F.normalize(x, dim=-1) if renorm else x
 
 
-def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    arch = config["architecture"]
-    return {"dim": config["dim"], "hidden": arch["hidden"], "dropout": arch["dropout"], "alpha": arch["alpha"],
-            "head": arch["head"], "scale": arch["scale"]}
-
-
-def save_adapter(adapter_dir: Path, model: Adapter, config: dict[str, Any]) -> None:
+def save_adapter(adapter_dir: Path, model: Adapter) -> None:
     """Weights then config, each atomic: a config.json only ever sits beside the weights it describes."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic.write_bytes(Path(adapter_dir) / WEIGHTS, save(state))
-    atomic.write_json(Path(adapter_dir) / CONFIG, config)
+    atomic.write_json(Path(adapter_dir) / CONFIG, asdict(model.config))
 
 
-def load_adapter(adapter_dir: str | Path, clip_spec: str, dim: int) -> tuple[Adapter, dict[str, Any]]:
+def load_adapter(adapter_dir: str | Path, clip_spec: str, dim: int) -> tuple[Adapter, AdapterConfig]:
     """The adapter in eval mode and its config; refuses one trained on another CLIP model's embeddings."""
     adapter_dir = Path(adapter_dir)
     for name in (CONFIG, WEIGHTS):
         if not (adapter_dir / name).is_file():
             raise OvmlError(f"{adapter_dir / name} is missing; train an adapter first with `ovml train-adapter`")
     try:
-        config = json.loads((adapter_dir / CONFIG).read_text(encoding="utf-8"))
-        kwargs = model_kwargs(config)
-    except (json.JSONDecodeError, KeyError, TypeError):
+        config = AdapterConfig.from_json(json.loads((adapter_dir / CONFIG).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise OvmlError(f"{adapter_dir / CONFIG} is not an ovml adapter config; retrain with "
                         "`ovml train-adapter --force`") from None
-    if config["clip"] != clip_spec:
-        raise OvmlError(f"the adapter in {adapter_dir} was trained on '{config['clip']}' embeddings, not "
-                        f"'{clip_spec}'; pass --clip {config['clip']} or retrain it with --clip {clip_spec}")
-    if config["dim"] != dim:
-        raise OvmlError(f"the adapter in {adapter_dir} expects {config['dim']}-d embeddings, got {dim}-d; "
-                        f"use the CLIP model it was trained on ('{config['clip']}')")
-    model = Adapter(**kwargs)
+    if config.clip != clip_spec:
+        raise OvmlError(f"the adapter in {adapter_dir} was trained on '{config.clip}' embeddings, not "
+                        f"'{clip_spec}'; pass --clip {config.clip} or retrain it with --clip {clip_spec}")
+    if config.dim != dim:
+        raise OvmlError(f"the adapter in {adapter_dir} expects {config.dim}-d embeddings, got {dim}-d; "
+                        f"use the CLIP model it was trained on ('{config.clip}')")
+    model = Adapter(config)
     try:
         model.load_state_dict(load_file(str(adapter_dir / WEIGHTS)))
     except (SafetensorError, RuntimeError):

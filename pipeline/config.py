@@ -122,6 +122,19 @@ def _describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}[hint]
 
 
+def not_fingerprinted(default: Any) -> Any:
+    """A setting that changes how a stage runs (where, how fast, whether forced), never what it makes.
+
+    Changing it must not invalidate finished work, so it is left out of the stage's fingerprint.
+    """
+    return dataclasses.field(default=default, metadata={"fingerprint": False})
+
+
 def as_params(cfg) -> dict[str, Any]:
-    """The config as plain JSON-able values, for the manifest and fingerprints."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    """The fingerprinted settings as plain JSON-able values, for the manifest and fingerprints."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.metadata.get("fingerprint", True)}
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value

@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline import atomic
+from ovml.pipeline.artifacts import image_cache
 from ovml.pipeline.clip import load_clip
+from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import Dataset, Record, read_dataset
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
@@ -31,16 +33,16 @@ DATASETS = Literal["nuswide", "openimages", "coco2014", "voc2007", "fashion-mnis
 
 @dataclass
 class EmbedImagesConfig:
-    run_dir: Path = Path("runs/default")
+    run_dir: Path = not_fingerprinted(Path("runs/default"))
     clip: str = "ViT-B-16:openai"
-    device: str = "auto"
+    device: str = not_fingerprinted("auto")
     dataset: DATASETS = "folder"
     root: str = ""
     limit: int | None = None
     mosaic: int = 2
-    batch_size: int = 64
-    workers: int = 2
-    force: bool = False
+    batch_size: int = not_fingerprinted(64)
+    workers: int = not_fingerprinted(2)
+    force: bool = not_fingerprinted(False)
 
 
 def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
@@ -52,9 +54,9 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
     run_dir = RunDir(cfg.run_dir)
-    params = {"dataset": dataset.name, "root": str(dataset.root), "limit": cfg.limit, "clip": cfg.clip,
+    params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
-    output = f"images/{dataset.name}"
+    output = image_cache(dataset.name)
     return run_stage(
         run_dir, f"embed_images/{cfg.dataset}", params=params,
         # The annotation files define the dataset; hashing every image on each run would cost about as

@@ -11,8 +11,9 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ovml.pipeline.artifacts import CAPTIONS, PART_GLOB, TEXT_EMB, TRAIN_LABELS, VOCABULARY
 from ovml.pipeline.clip import autocast_dtype, load_clip, pick_device
-from ovml.pipeline.config import as_params
+from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
 from ovml.pipeline.progress import progress_bar
@@ -20,30 +21,26 @@ from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
 from ovml.pipeline.text_embeddings import text_embedding_parts, write_text_embeddings
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
-CAPTIONS = "captions"
-VOCABULARY = "captions/vocabulary.json"
-TEXT_EMB = "text_emb"
-TRAIN_LABELS = "labels/train.parquet"
 TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a resumed run still totals it
 
 
 @dataclass
 class EmbedTextConfig:
-    run_dir: Path = Path("runs/default")
+    run_dir: Path = not_fingerprinted(Path("runs/default"))
     clip: str = "ViT-B-16:openai"
-    device: str = "auto"
+    device: str = not_fingerprinted("auto")
     batch_size: int = 256
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     store_dtype: Literal["float32", "float16"] = "float32"
     templates: Literal["pool", "single"] = "pool"
-    force: bool = False
+    force: bool = not_fingerprinted(False)
 
 
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     """One text_emb part per captions part (same name), then the training vocabulary's label embeddings."""
     run_dir = RunDir(cfg.run_dir)
     captions_dir = run_dir.require(CAPTIONS, produced_by="generate_text")
-    parts = sorted(captions_dir.glob("part-*.parquet"))
+    parts = sorted(captions_dir.glob(PART_GLOB))
     if not parts:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
@@ -51,7 +48,7 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     if cfg.batch_size < 1:
         raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
     autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
-    params = {k: v for k, v in as_params(cfg).items() if k not in ("run_dir", "force", "device")}
+    params = as_params(cfg)
     params["label_templates_sha256"] = templates_digest(cfg.templates)
     return run_stage(
         run_dir, "embed_text", params=params, inputs=files_under(run_dir.path, [CAPTIONS]),
@@ -79,7 +76,7 @@ def _embed_all(cfg: EmbedTextConfig, run_dir: RunDir, parts: list[Path], labels:
                                   metadata={TRUNCATED_KEY: str(int(truncated.sum())), "clip": cfg.clip})
             embedded += len(texts)
         labels_task = bar.add_task("label prompts", total=len(labels) * len(load_templates(cfg.templates)))
-        label_embeddings(encoder, labels, cfg.templates, cache_dir=run_dir / "labels",
+        label_embeddings(encoder, labels, cfg.templates, cache_dir=(run_dir / TRAIN_LABELS).parent,
                          name=Path(TRAIN_LABELS).stem, progress=lambda n: bar.advance(labels_task, n))
     written = [pq.ParquetFile(p) for p in text_embedding_parts(run_dir / TEXT_EMB)]
     return {

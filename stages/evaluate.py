@@ -12,7 +12,7 @@ protocol's labels, as in the papers; elsewhere every image counts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ import pyarrow.compute as pc
 import torch
 
 from ovml.pipeline import atomic
-from ovml.pipeline.adapter import load_adapter
+from ovml.pipeline.adapter import AdapterConfig, load_adapter
+from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
 from ovml.pipeline.clip import load_clip
+from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import LAYOUTS
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_image_cache
@@ -36,11 +38,11 @@ from ovml.pipeline.vocabulary import multi_hot
 
 @dataclass
 class EvalConfig:
-    run_dir: Path = Path("runs/default")
+    run_dir: Path = not_fingerprinted(Path("runs/default"))
     clip: str = "ViT-B-16:openai"
-    device: str = "auto"
+    device: str = not_fingerprinted("auto")
     dataset: str = "folder"
-    force: bool = False
+    force: bool = not_fingerprinted(False)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     if cfg.dataset not in LAYOUTS:
         raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(LAYOUTS)}")
     run_dir = RunDir(cfg.run_dir)
-    cache = f"images/{cfg.dataset}"
+    cache = image_cache(cfg.dataset)
     if not (run_dir / cache / "dataset.json").is_file():
         raise OvmlError(f"{run_dir / cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} "
                         f"--root DIR --run-dir {run_dir.path}` first")
@@ -70,14 +72,19 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     if embedded_with != cfg.clip:
         raise OvmlError(f"{run_dir / cache} was embedded with '{embedded_with}', not '{cfg.clip}'; pass --clip "
                         f"{embedded_with} or re-run embed-images with --clip {cfg.clip}")
-    run_dir.require("adapter", produced_by="train_adapter")
-    output = f"eval/{cfg.dataset}"
+    run_dir.require(ADAPTER, produced_by="train_adapter")
+    output = eval_dir(cfg.dataset)
     return run_stage(
-        run_dir, f"eval/{cfg.dataset}", params={"dataset": cfg.dataset, "clip": cfg.clip},
-        inputs=files_under(run_dir.path, [cache, "adapter"]), outputs=[output],
+        run_dir, f"eval/{cfg.dataset}", params=as_params(cfg),
+        inputs=files_under(run_dir.path, [cache, ADAPTER]), outputs=[output],
         body=lambda resume: _evaluate(cfg, run_dir, run_dir / cache, run_dir / output),
         force=cfg.force, models={"clip": cfg.clip},
     )
+
+
+def _adapter_summary(config: AdapterConfig) -> dict[str, Any]:
+    """The adapter's config for the report, its vocabulary shown by size (it can hold thousands of labels)."""
+    return {**asdict(config), "vocabulary": {"size": len(config.vocabulary)}}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -89,16 +96,21 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
     protocols = _protocols(cfg.dataset, info)
     score_labels = _score_labels(protocols)
     encoder = load_clip(cfg.clip, cfg.device)
-    label_emb = label_embeddings(encoder, score_labels, cache_dir=run_dir / "labels", name=cfg.dataset)
-    adapter, adapter_config = load_adapter(run_dir / "adapter", cfg.clip, encoder.dim)
-    scores = {"adapter": adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb)),
-              "zero-shot": vectors @ label_emb.T}
+    adapter, adapter_config = load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+    # Zero-shot CLIP is defined with the prompt pool; the adapter scores against label embeddings made the
+    # way its training labels were (its label_templates), so train and test labels are embedded alike.
+    zero_shot_emb = label_embeddings(encoder, score_labels, "pool", cache_dir=run_dir / LABEL_CACHE)
+    adapter_emb = label_embeddings(encoder, score_labels, adapter_config.label_templates,
+                                   cache_dir=run_dir / LABEL_CACHE)
+    scores = {"adapter": adapter.score(torch.from_numpy(vectors), torch.from_numpy(adapter_emb)),
+              "zero-shot": vectors @ zero_shot_emb.T}
     positives, ignored = ground_truth(items, score_labels)
     column = {label: i for i, label in enumerate(score_labels)}
 
     report: dict[str, Any] = {
         "dataset": cfg.dataset, "clip": cfg.clip, "random_weights": bool(encoder.random_weights),
-        "images": len(items), "failures": int(info.get("failures", 0)), "adapter": adapter_config, "protocols": {},
+        "images": len(items), "failures": int(info.get("failures", 0)),
+        "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
     per_label = []
     for protocol, labels in protocols:

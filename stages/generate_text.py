@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from rich.progress import TextColumn
 
 from ovml.pipeline import atomic
-from ovml.pipeline.config import as_params
+from ovml.pipeline.artifacts import CAPTIONS, VOCABULARY, part_name
+from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
 from ovml.pipeline.progress import progress_bar
@@ -40,8 +41,6 @@ MIN_WORDS = 3  # "dog beach" is a tag list, not a caption
 MAX_WORDS = 40  # longer answers are rambling past the requested single sentence
 DROP_REASONS = ("unparseable", "too_short", "too_long", "no_requested_label", "duplicate")
 MIN_YIELD = 0.2  # cap on over-planning when the model rarely mentions what it was asked for
-# Settings that never change the captions, so changing them must not invalidate finished work.
-NOT_FINGERPRINTED = ("run_dir", "force", "device", "concurrency", "max_rounds")
 CAPTION_SCHEMA = pa.schema([
     ("caption_id", pa.string()),
     ("text", pa.string()),
@@ -56,7 +55,7 @@ CAPTION_SCHEMA = pa.schema([
 
 @dataclass
 class GenerateTextConfig:
-    run_dir: Path = Path("runs/default")
+    run_dir: Path = not_fingerprinted(Path("runs/default"))
     labels: str = ""
     dataset_root: str | None = None
     per_label: int = 20
@@ -67,7 +66,7 @@ class GenerateTextConfig:
     backend: Literal["llama-cpp", "openai", "vllm"] = "llama-cpp"
     model: str | None = None
     base_url: str | None = None
-    concurrency: int = 4
+    concurrency: int = not_fingerprinted(4)
     temperature: float = 0.8
     top_p: float = 0.95
     max_tokens: int = 96
@@ -75,10 +74,10 @@ class GenerateTextConfig:
     num_shards: int = 1
     shard_index: int = 0
     part_size: int = 64
-    max_rounds: int = 20
+    max_rounds: int = not_fingerprinted(20)
     clip: str = "ViT-B-16:openai"
-    device: str = "auto"
-    force: bool = False
+    device: str = not_fingerprinted("auto")
+    force: bool = not_fingerprinted(False)
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
     _check(cfg)
     vocabulary = load_vocabulary(cfg.labels, cfg.dataset_root)
     run_dir = RunDir(cfg.run_dir)
-    params = {k: v for k, v in as_params(cfg).items() if k not in NOT_FINGERPRINTED}
+    params = as_params(cfg)
     inputs = list(vocabulary.sources)
     models = {"llm": cfg.model or (SMOLLM2_GGUF if cfg.backend == "llama-cpp" else "served by base_url")}
     if cfg.sampling == "cooccurrence":
@@ -103,9 +102,9 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
         del params["clip"]
 
     def body(resume: bool) -> dict:
-        return _generate(cfg, vocabulary, run_dir / "captions")
+        return _generate(cfg, vocabulary, run_dir / CAPTIONS)
 
-    return run_stage(run_dir, "generate_text", params=params, inputs=inputs, outputs=["captions"], body=body,
+    return run_stage(run_dir, "generate_text", params=params, inputs=inputs, outputs=[CAPTIONS], body=body,
                      force=cfg.force, models=models)
 
 
@@ -331,7 +330,7 @@ def _read_part(path: Path) -> pa.Table:
 
 
 def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) -> dict:
-    atomic.write_json(out_dir / "vocabulary.json", vocabulary.as_json())
+    atomic.write_json(out_dir.parent / VOCABULARY, vocabulary.as_json())
     prompts = CaptionPrompts.load()
     matcher = MentionMatcher(vocabulary)
     sampler = _sampler(cfg, vocabulary)
@@ -359,7 +358,7 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) ->
             progress.update(task, total=progress.tasks[task].total + len(plan))
             for start in range(0, len(plan), cfg.part_size):
                 chunk = plan[start:start + cfg.part_size]
-                path = out_dir / f"part-{part * cfg.num_shards + cfg.shard_index:05d}.parquet"
+                path = out_dir / part_name(part * cfg.num_shards + cfg.shard_index)
                 if path.exists():
                     table = _read_part(path)
                     kept_on_disk += table.num_rows

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ovml.pipeline.adapter import load_adapter
+from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings
@@ -45,17 +46,18 @@ def predict(cfg: PredictConfig) -> list[dict]:
     images = [_open(path) for path in cfg.images]
     run_dir = RunDir(cfg.run_dir)
     if not cfg.zero_shot:
-        run_dir.require("adapter", produced_by="train_adapter")
+        run_dir.require(ADAPTER, produced_by="train_adapter")
     encoder = load_clip(cfg.clip, cfg.device)
-    label_emb = label_embeddings(encoder, labels, cache_dir=run_dir / "labels", name="predict")
     vectors = np.concatenate([
         encoder.encode_image_batch(torch.stack([encoder.preprocess(image) for image in images[i:i + IMAGE_BATCH]]))
         for i in range(0, len(images), IMAGE_BATCH)
     ])
     if cfg.zero_shot:
+        label_emb = label_embeddings(encoder, labels, "pool", cache_dir=run_dir / LABEL_CACHE)
         method, scores = "zero-shot", vectors @ label_emb.T
     else:
-        adapter, _ = load_adapter(run_dir / "adapter", cfg.clip, encoder.dim)
+        adapter, adapter_config = load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+        label_emb = label_embeddings(encoder, labels, adapter_config.label_templates, cache_dir=run_dir / LABEL_CACHE)
         logits = adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb))
         method, scores = "adapter", torch.sigmoid(torch.from_numpy(logits)).numpy()
     best = np.argsort(-scores, axis=1, kind="stable")[:, :cfg.top_k]  # ties -> the label listed first

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,9 +17,10 @@ import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline import atomic, losses
-from ovml.pipeline.adapter import ARCHITECTURE, Adapter, model_kwargs, perturb, save_adapter
+from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb, save_adapter
+from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, PART_GLOB, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY
 from ovml.pipeline.clip import pick_device
-from ovml.pipeline.config import as_params
+from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.metrics import average_precision, mean_average_precision
 from ovml.pipeline.progress import progress_bar
@@ -36,9 +35,9 @@ TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("v
 
 @dataclass
 class TrainAdapterConfig:
-    run_dir: Path = Path("runs/default")
+    run_dir: Path = not_fingerprinted(Path("runs/default"))
     clip: str = "ViT-B-16:openai"
-    device: str = "auto"
+    device: str = not_fingerprinted("auto")
     noise: float = 0.04
     renorm: bool = False
     head: Literal["cosine", "magnitude"] = "cosine"
@@ -55,7 +54,7 @@ class TrainAdapterConfig:
     val_fraction: float = 0.1
     patience: int = 3
     seed: int = 0
-    force: bool = False
+    force: bool = not_fingerprinted(False)
 
 
 @dataclass
@@ -64,22 +63,23 @@ class TrainingData:
     targets: torch.Tensor  # [n, L] bool, columns in vocabulary order
     label_emb: torch.Tensor  # [L, d]
     vocabulary: list[str]
+    label_templates: str  # the prompt kind embed-text used for label_emb; eval and predict must use it too
 
 
 def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
     _check(cfg)
     rd = RunDir(cfg.run_dir)
-    rd.require("captions/vocabulary.json", produced_by="generate_text")
-    rd.require("text_emb", produced_by="embed_text")
-    rd.require("labels/train.parquet", produced_by="embed_text")
+    rd.require(VOCABULARY, produced_by="generate_text")
+    rd.require(TEXT_EMB, produced_by="embed_text")
+    rd.require(TRAIN_LABELS, produced_by="embed_text")
     _check_clip_matches_embeddings(rd, cfg.clip)
-    params = {k: v for k, v in as_params(cfg).items() if k not in ("run_dir", "force", "device")}
-    inputs = files_under(rd.path, ["captions", "text_emb", "labels/train.parquet"])
+    params = as_params(cfg)
+    inputs = files_under(rd.path, [CAPTIONS, TEXT_EMB, TRAIN_LABELS])
 
     def body(resume: bool) -> dict:
         return _train(cfg, rd, _read_training_data(rd))
 
-    return run_stage(rd, "train_adapter", params=params, inputs=inputs, outputs=["adapter"], body=body,
+    return run_stage(rd, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
                      force=cfg.force, models={"clip": cfg.clip})
 
 
@@ -105,16 +105,17 @@ def _check_clip_matches_embeddings(rd: RunDir, clip: str) -> None:
 
 def _read_training_data(rd: RunDir) -> TrainingData:
     """Captions' verified labels as targets, joined to their text embeddings by caption_id."""
-    vocabulary = read_vocabulary_json(rd / "captions/vocabulary.json")
-    labels = pq.read_table(rd / "labels/train.parquet", columns=["label", "embedding"])
+    vocabulary = read_vocabulary_json(rd / VOCABULARY)
+    labels = pq.read_table(rd / TRAIN_LABELS, columns=["label", "embedding"])
+    label_templates = (labels.schema.metadata or {}).get(b"templates", b"pool").decode()
     if labels.column("label").to_pylist() != vocabulary:
-        raise OvmlError(f"{rd / 'labels/train.parquet'} does not list the labels of captions/vocabulary.json in "
+        raise OvmlError(f"{rd / TRAIN_LABELS} does not list the labels of captions/vocabulary.json in "
                         f"order; re-run `ovml embed-text --force --run-dir {rd.path}`")
-    parts = sorted((rd / "captions").glob("part-*.parquet"))
+    parts = sorted((rd / CAPTIONS).glob(PART_GLOB))
     if not parts:
-        raise OvmlError(f"no captions (part-*.parquet) in {rd / 'captions'}; run `ovml generate-text` first")
+        raise OvmlError(f"no captions (part-*.parquet) in {rd / CAPTIONS}; run `ovml generate-text` first")
     captions = pa.concat_tables(pq.read_table(p, columns=["caption_id", "labels"]) for p in parts)
-    text_ids, text_emb = read_text_embeddings(rd / "text_emb")
+    text_ids, text_emb = read_text_embeddings(rd / TEXT_EMB)
     row = pc.index_in(captions.column("caption_id"), value_set=pa.array(text_ids, pa.string()))
     if row.null_count:
         raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
@@ -125,7 +126,7 @@ def _read_training_data(rd: RunDir) -> TrainingData:
                         f"re-run `ovml embed-text --force --run-dir {rd.path}`")
     return TrainingData(torch.from_numpy(text_emb[row.to_numpy()]),
                         torch.from_numpy(_targets(captions.column("labels"), vocabulary)),
-                        torch.from_numpy(label_emb), vocabulary)
+                        torch.from_numpy(label_emb), vocabulary, label_templates)
 
 
 def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
@@ -134,10 +135,6 @@ def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
         raise OvmlError(f"captions name labels outside captions/vocabulary.json (e.g. {unknown[:3]}); "
                         "re-run generate-text so both come from the same vocabulary")
     return targets
-
-
-def _vocabulary_fingerprint(vocabulary: list[str]) -> str:
-    return hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()
 
 
 def _train(cfg: TrainAdapterConfig, rd: RunDir, data: TrainingData) -> dict:
@@ -150,19 +147,16 @@ def _train(cfg: TrainAdapterConfig, rd: RunDir, data: TrainingData) -> dict:
         raise OvmlError(f"no captions left to train on after holding out --val-fraction {cfg.val_fraction}")
     x_all, y_all = data.embeddings.to(device), data.targets.to(device)
     label_emb = data.label_emb.to(device)
-    config = {
-        "architecture": {"name": ARCHITECTURE, "hidden": cfg.hidden, "dropout": cfg.dropout, "alpha": cfg.alpha,
-                         "head": cfg.head, "scale": cfg.scale},
-        "dim": int(x_all.shape[1]),
-        "clip": cfg.clip,
-        "vocabulary": {"size": len(data.vocabulary), "sha256": _vocabulary_fingerprint(data.vocabulary)},
-        "noise": cfg.noise, "renorm": cfg.renorm, "loss": cfg.loss, "seed": cfg.seed,
-        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                     "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs,
-                     "val_fraction": cfg.val_fraction, "patience": cfg.patience, "captions": len(order)},
-        "ovml_version": metadata.version("ovml"),
-    }
-    model = Adapter(**model_kwargs(config)).to(device)
+    config = AdapterConfig(
+        dim=int(x_all.shape[1]), clip=cfg.clip, vocabulary=data.vocabulary, label_templates=data.label_templates,
+        hidden=cfg.hidden, dropout=cfg.dropout, alpha=cfg.alpha, head=cfg.head, scale=cfg.scale,
+        training={"noise": cfg.noise, "renorm": cfg.renorm, "loss": cfg.loss, "seed": cfg.seed,
+                  "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                  "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs,
+                  "val_fraction": cfg.val_fraction, "patience": cfg.patience, "captions": len(order)},
+        ovml_version=metadata.version("ovml"),
+    )
+    model = Adapter(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -199,9 +193,9 @@ def _train(cfg: TrainAdapterConfig, rd: RunDir, data: TrainingData) -> dict:
                 break
     model.load_state_dict(best["state"])
     best_map = None if math.isnan(best["val_mAP"]) else best["val_mAP"]
-    config.update(best_epoch=best["epoch"], best_val_mAP=best_map)
-    save_adapter(rd / "adapter", model, config)
-    atomic.write_parquet(rd / "adapter/train_log.parquet", pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
+    config.training.update(best_epoch=best["epoch"], best_val_mAP=best_map)
+    save_adapter(rd / ADAPTER, model)
+    atomic.write_parquet(rd / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
     return {"captions": len(order), "labels": len(data.vocabulary), "epochs_run": len(log),
             "best_epoch": best["epoch"], "best_val_mAP": best_map}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovml.pipeline.adapter import Adapter, load_adapter, perturb, save_adapter
+from ovml.pipeline.adapter import Adapter, AdapterConfig, load_adapter, perturb, save_adapter
 from ovml.pipeline.errors import OvmlError
 
 DIM = 16
@@ -14,11 +14,8 @@ def unit(*shape: int, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def config_for(model: Adapter, clip: str = "ovml-tiny:random") -> dict:
-    return {"architecture": {"name": "residual-mlp", "hidden": model.mlp[0].out_features,
-                             "dropout": model.mlp[2].p, "alpha": model.alpha, "head": model.head,
-                             "scale": model.scale},
-            "dim": model.mlp[0].in_features, "clip": clip}
+def adapter(clip: str = "ovml-tiny:random", **settings) -> Adapter:
+    return Adapter(AdapterConfig(dim=DIM, clip=clip, vocabulary=["dog", "cat"], **settings))
 
 
 def trained_looking(model: Adapter) -> Adapter:
@@ -30,22 +27,22 @@ def trained_looking(model: Adapter) -> Adapter:
 
 
 def test_logits_have_one_column_per_label_for_any_label_list():
-    model = Adapter(DIM, hidden=32).eval()
+    model = adapter(hidden=32).eval()
     x = unit(5, DIM)
     assert model(x, unit(3, DIM, seed=1)).shape == (5, 3)
     assert model(x, unit(40, DIM, seed=2)).shape == (5, 40)
 
 
 def test_untrained_adapter_is_zero_shot_clip():
-    model = Adapter(DIM, hidden=32, scale=20.0).eval()
+    model = adapter(hidden=32, scale=20.0).eval()
     x, labels = unit(5, DIM), unit(7, DIM, seed=1)
     assert torch.allclose(model(x, labels), 20.0 * x @ labels.T, atol=1e-6)
 
 
 def test_cosine_head_ignores_the_input_norm_and_magnitude_head_keeps_it():
     x, labels = unit(5, DIM), unit(7, DIM, seed=1)
-    cosine = Adapter(DIM, hidden=32, head="cosine").eval()
-    magnitude = Adapter(DIM, hidden=32, head="magnitude").eval()
+    cosine = adapter(hidden=32, head="cosine").eval()
+    magnitude = adapter(hidden=32, head="magnitude").eval()
     assert torch.allclose(cosine(3 * x, labels), cosine(x, labels), atol=1e-5)
     assert torch.allclose(magnitude(3 * x, labels), 3 * magnitude(x, labels), atol=1e-5)
 
@@ -67,26 +64,26 @@ def test_zero_noise_leaves_embeddings_unchanged():
 
 
 def test_saved_adapter_loads_in_eval_mode_with_identical_logits(tmp_path):
-    model = trained_looking(Adapter(DIM, hidden=32, head="magnitude", scale=7.0))
-    save_adapter(tmp_path, model, config_for(model))
+    model = trained_looking(adapter(hidden=32, head="magnitude", scale=7.0))
+    save_adapter(tmp_path, model)
     loaded, config = load_adapter(tmp_path, "ovml-tiny:random", DIM)
     x, labels = unit(5, DIM), unit(7, DIM, seed=1)
     assert not loaded.training
-    assert config["architecture"]["head"] == "magnitude"
+    assert config == model.config
     assert torch.equal(loaded(x, labels), model(x, labels))
 
 
 def test_loading_with_another_clip_model_is_a_one_line_error(tmp_path):
-    model = Adapter(DIM, hidden=32)
-    save_adapter(tmp_path, model, config_for(model, clip="ViT-B-16:openai"))
+    model = adapter(clip="ViT-B-16:openai", hidden=32)
+    save_adapter(tmp_path, model)
     with pytest.raises(OvmlError, match="trained on 'ViT-B-16:openai'") as e:
         load_adapter(tmp_path, "ViT-B-32:openai", DIM)
     assert "\n" not in str(e.value)
 
 
 def test_loading_with_another_embedding_size_is_a_one_line_error(tmp_path):
-    model = Adapter(DIM, hidden=32)
-    save_adapter(tmp_path, model, config_for(model))
+    model = adapter(hidden=32)
+    save_adapter(tmp_path, model)
     with pytest.raises(OvmlError, match=f"expects {DIM}-d embeddings, got 512-d") as e:
         load_adapter(tmp_path, "ovml-tiny:random", 512)
     assert "\n" not in str(e.value)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ovml.pipeline import atomic
-from ovml.pipeline.adapter import ARCHITECTURE, Adapter, save_adapter
+from ovml.pipeline.adapter import Adapter, AdapterConfig, save_adapter
+from ovml.pipeline.artifacts import LABEL_CACHE
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import ITEMS_SCHEMA, write_index
@@ -26,7 +27,7 @@ UNSEEN = ["beach", "snow", "boat"]
 def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=None, ignored=None, seed=0):
     """images/<dataset>/ as embed-images writes it; each image vector leans towards its positives' embeddings."""
     encoder = load_clip(clip)
-    label_emb = label_embeddings(encoder, labels, cache_dir=run_dir / "labels", name=dataset)  # eval reuses it
+    label_emb = label_embeddings(encoder, labels, cache_dir=run_dir / LABEL_CACHE)  # eval reuses it
     rng = np.random.default_rng(seed)
     vectors = positives.astype(np.float32) @ label_emb + 0.5 * rng.standard_normal((len(positives), encoder.dim))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
@@ -46,18 +47,15 @@ def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=Non
     return vectors
 
 
-def build_adapter(run_dir, clip, seed=0, trained=True):
+def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog")):
     """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layer."""
     dim = load_clip(clip).dim
     torch.manual_seed(seed)
-    model = Adapter(dim, hidden=16, dropout=0.0)
+    model = Adapter(AdapterConfig(dim=dim, clip=clip, vocabulary=list(vocabulary), hidden=16, dropout=0.0,
+                                  training={"noise": 0.04, "seed": seed}))
     if trained:
         torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
-    save_adapter(run_dir / "adapter", model, {
-        "architecture": {"name": ARCHITECTURE, "hidden": 16, "dropout": 0.0, "alpha": 0.5, "head": "cosine",
-                         "scale": 20.0},
-        "dim": dim, "clip": clip, "noise": 0.04, "seed": seed,
-    })
+    save_adapter(run_dir / "adapter", model)
 
 
 def nuswide_positives(n=40, seed=0):

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from ovml import cli
 import ovml.stages.generate_text as stage
+from ovml import cli
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import ChatRequest

@@ -65,8 +65,9 @@ def test_training_writes_weights_config_and_a_log_row_per_epoch(tmp_path):
     adapter = tmp_path / "adapter"
     assert outcome.status == "ran"
     cfg = json.loads((adapter / "config.json").read_text())
-    assert {"architecture", "dim", "vocabulary", "clip", "noise", "loss", "seed", "ovml_version"} <= set(cfg)
-    assert cfg["dim"] == 16 and cfg["clip"] == CLIP and cfg["vocabulary"]["size"] == 6
+    assert {"architecture", "dim", "vocabulary", "clip", "label_templates", "training", "ovml_version"} <= set(cfg)
+    assert {"noise", "loss", "seed", "best_epoch", "best_val_mAP"} <= set(cfg["training"])
+    assert cfg["dim"] == 16 and cfg["clip"] == CLIP and len(cfg["vocabulary"]) == 6
     log = pq.read_table(adapter / "train_log.parquet").to_pylist()
     assert [row["epoch"] for row in log] == [1, 2, 3]
     assert {"loss", "val_mAP", "lr", "seconds"} <= set(log[0])
@@ -110,8 +111,9 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     log = pq.read_table(run / "adapter/train_log.parquet").to_pylist()
     cfg = json.loads((run / "adapter/config.json").read_text())
     assert len(log) < 30
-    assert cfg["best_val_mAP"] == max(row["val_mAP"] for row in log)
-    assert log[cfg["best_epoch"] - 1]["val_mAP"] == cfg["best_val_mAP"]
+    best = cfg["training"]
+    assert best["best_val_mAP"] == max(row["val_mAP"] for row in log)
+    assert log[best["best_epoch"] - 1]["val_mAP"] == best["best_val_mAP"]
 
 
 def test_missing_text_embeddings_name_the_stage_to_run(tmp_path):
