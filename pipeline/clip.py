@@ -290,15 +290,17 @@ def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
 
 def _create(arch: str, pretrained: str | None, device: str):
     """open_clip's loader, quiet, and cache-only when the hub cannot be reached (instead of ~45 s of retries)."""
-    if pretrained and not Path(pretrained).is_file() and not _hub_reachable():
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        constants.HF_HUB_OFFLINE = True
+    was_offline = constants.HF_HUB_OFFLINE
+    if pretrained and not Path(pretrained).is_file() and not _hub_reachable():
+        constants.HF_HUB_OFFLINE = True  # for this call only: restored below, the process keeps its setting
     logging.disable(logging.ERROR)
     try:
         return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device, weights_only=True)
     finally:
         logging.disable(logging.NOTSET)
+        constants.HF_HUB_OFFLINE = was_offline
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

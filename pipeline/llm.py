@@ -108,9 +108,12 @@ class LlamaCppBackend:
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise OvmlError(f"{path} has no chat template in its metadata; use an instruction-tuned GGUF")
-        token_text = self._llm._model.token_get_text
-        self._format = Jinja2ChatFormatter(template=template, eos_token=token_text(self._llm.token_eos()),
-                                           bos_token=token_text(self._llm.token_bos()))
+        self._format = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self._llm.token_eos()),
+                                           bos_token=self._token_text(self._llm.token_bos()))
+
+    def _token_text(self, token: int) -> str:
+        """A special token's text ("<|im_end|>"), through llama-cpp-python's public detokenize."""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
         for request in requests:

@@ -221,7 +221,7 @@ def _cooccurrence_counts(path: Path, vocabulary: Vocabulary) -> np.ndarray:
         present = sorted({index[t] for t in (" ".join(tag.split()).lower() for tag in line.split(",")) if t in index})
         for a in present:
             counts[a, present] += 1
-    if not counts.any():
+    if not (counts - np.diag(np.diag(counts))).any():  # the diagonal counts lone labels, not pairs
         raise OvmlError(f"co-occurrence file {path} has no line with two vocabulary labels; "
                         "write one image per line with its labels separated by commas")
     return counts

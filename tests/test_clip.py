@@ -51,6 +51,15 @@ def test_pretrained_tag_without_cached_weights_names_the_spec_and_the_local_chec
     assert "\n" not in message
 
 
+def test_a_failed_download_leaves_the_process_hub_setting_as_it_was():
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    with pytest.raises(OvmlError):
+        load_clip("ViT-B-16:openai", device="cpu")
+    assert constants.HF_HUB_OFFLINE == before
+
+
 def test_missing_checkpoint_file_is_named(tmp_path):
     with pytest.raises(OvmlError, match="does not exist"):
         load_clip(f"ovml-tiny:{tmp_path}/missing.safetensors", device="cpu")

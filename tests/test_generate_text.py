@@ -211,6 +211,14 @@ def test_cooccurrence_sampling_pairs_labels_seen_together(tmp_path, labels_file,
     assert pairs == {frozenset(p) for p in (("dog", "cat"), ("car", "tree"), ("boat", "horse"), ("chair", "bicycle"))}
 
 
+def test_cooccurrence_file_without_a_pair_of_labels_is_a_one_line_error(tmp_path, labels_file, use_backend):
+    tags = tmp_path / "tags.txt"
+    tags.write_text("dog\ncat\ncar, unknown tag\n", encoding="utf-8")
+    use_backend(ScriptedBackend(faithful))
+    with pytest.raises(OvmlError, match="no line with two vocabulary labels"):
+        stage.generate_text(config(labels_file, tmp_path / "run", sampling="cooccurrence", cooccurrence=str(tags)))
+
+
 def test_similar_sampling_draws_companions_from_the_nearest_labels(tmp_path, use_backend, tiny_clip):
     many = LABELS + ["bird", "sheep", "cow", "kite", "truck", "bench"]
     labels_file = tmp_path / "labels.txt"

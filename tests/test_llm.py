@@ -12,7 +12,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.llm import CAPTION_SCHEMA, ChatRequest, OpenAIBackend, Sampling, VllmBackend, parse_caption
+from ovml.pipeline.llm import (
+    CAPTION_SCHEMA,
+    ChatRequest,
+    LlamaCppBackend,
+    OpenAIBackend,
+    Sampling,
+    VllmBackend,
+    parse_caption,
+)
 
 SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=32)
 REQUEST = ChatRequest((("user", "Describe a dog."),), seed=7)
@@ -172,3 +180,10 @@ def test_vllm_backend_calls_the_documented_offline_api_with_one_seeded_json_requ
     assert [p.kwargs["seed"] for p in calls["params"]] == [1, 2]
     assert calls["params"][0].kwargs["structured_outputs"] == ("json", CAPTION_SCHEMA)
     assert calls["params"][0].kwargs["max_tokens"] == SAMPLING.max_tokens
+
+
+def test_llama_cpp_backend_reads_the_chat_template_tokens_through_the_public_api():
+    """Fails if llama-cpp-python changes `detokenize`; SmolLM2's ChatML turns end with <|im_end|>."""
+    backend = LlamaCppBackend(None, SAMPLING)
+    assert backend._token_text(backend._llm.token_eos()) == "<|im_end|>"
+    assert backend._token_text(backend._llm.token_bos()) == "<|im_start|>"
