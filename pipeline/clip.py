@@ -225,7 +225,8 @@ class CausalTextTower:
         transformer = self.tower.transformer
         rows = torch.arange(len(x), device=x.device)
         *blocks, last = transformer.resblocks
-        if not getattr(transformer, "batch_first", True) or type(last) is not ResidualAttentionBlock or hasattr(last, "ln_1_kv"):
+        batch_first = getattr(transformer, "batch_first", True)  # open_clip main drops the flag: always batch-first
+        if not batch_first or type(last) is not ResidualAttentionBlock or hasattr(last, "ln_1_kv"):
             return transformer(x, attn_mask=mask)[rows, positions]
         for block in blocks:
             x = block(x, attn_mask=mask)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_datasets import (
+from helpers import (
     FASHION_CLASSES,
     coco2014_release,
     fashion_mnist_release,

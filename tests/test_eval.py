@@ -8,54 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from helpers import build_adapter, build_cache
 
-from ovml.pipeline import atomic
-from ovml.pipeline.adapter import Adapter, AdapterConfig, save_adapter
-from ovml.pipeline.artifacts import LABEL_CACHE
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import ITEMS_SCHEMA, write_index
+from ovml.pipeline.image_cache import ITEMS_SCHEMA
 from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.metrics import average_precision
 from ovml.stages.evaluate import EvalConfig, evaluate, ground_truth
 
 NUSWIDE_LABELS = ["sky", "dog", "beach", "car", "tree", "boat", "snow", "person"]
 UNSEEN = ["beach", "snow", "boat"]
-
-
-def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=None, ignored=None, seed=0):
-    """images/<dataset>/ as embed-images writes it; each image vector leans towards its positives' embeddings."""
-    encoder = load_clip(clip)
-    label_emb = label_embeddings(encoder, labels, cache_dir=run_dir / LABEL_CACHE)  # eval reuses it
-    rng = np.random.default_rng(seed)
-    vectors = positives.astype(np.float32) @ label_emb + 0.5 * rng.standard_normal((len(positives), encoder.dim))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    names = np.array(labels)
-    directory = run_dir / "images" / dataset
-    write_index(directory / "index.faiss", vectors)
-    atomic.write_parquet(directory / "items.parquet", pa.Table.from_pylist([
-        {"row": i, "image_id": f"img{i:03d}", "path": f"/data/img{i:03d}.jpg",
-         "positives": list(names[row]), "negatives": None if negatives is None else negatives[i],
-         "ignored": [] if ignored is None else ignored[i]}
-        for i, row in enumerate(positives)
-    ], schema=ITEMS_SCHEMA))
-    atomic.write_json(directory / "dataset.json", {
-        "dataset": dataset, "root": "/data", "clip": clip, "random_weights": encoder.random_weights,
-        "labels": labels, "splits": splits, "images": len(positives), "failures": 1,
-    })
-    return vectors
-
-
-def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog")):
-    """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layer."""
-    dim = load_clip(clip).dim
-    torch.manual_seed(seed)
-    model = Adapter(AdapterConfig(dim=dim, clip=clip, vocabulary=list(vocabulary), hidden=16, dropout=0.0,
-                                  training={"noise": 0.04, "seed": seed}))
-    if trained:
-        torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
-    save_adapter(run_dir / "adapter", model)
 
 
 def nuswide_positives(n=40, seed=0):

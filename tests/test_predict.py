@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import build_adapter
 from PIL import Image
-from test_eval import build_adapter
 from typer.testing import CliRunner
 
 from ovml.cli import app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_datasets import voc2007_release
+from helpers import voc2007_release
 
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.vocabulary import MentionMatcher, load_vocabulary, parse_vocabulary, word_forms
