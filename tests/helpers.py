@@ -183,12 +183,12 @@ def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=Non
     return vectors
 
 
-def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog")):
+def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog"), label_templates="pool"):
     """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layer."""
     dim = load_clip(clip).dim
     torch.manual_seed(seed)
-    model = Adapter(AdapterConfig(dim=dim, clip=clip, vocabulary=list(vocabulary), hidden=16, dropout=0.0,
-                                  training={"noise": 0.04, "seed": seed}))
+    model = Adapter(AdapterConfig(dim=dim, clip=clip, vocabulary=list(vocabulary), label_templates=label_templates,
+                                  hidden=16, dropout=0.0, training={"noise": 0.04, "seed": seed}))
     if trained:
         torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
     save_adapter(run_dir / "adapter", model)

@@ -8,8 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import build_adapter, build_cache
 
+from ovml.pipeline.adapter import load_adapter
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import ITEMS_SCHEMA
@@ -103,6 +105,27 @@ def test_zero_shot_scores_are_cosines_of_image_and_prompt_pool_label_embeddings(
     zero_shot = np.array([row["scores"] for row in scores if row["method"] == "zero-shot"])
     expected = vectors @ label_embeddings(load_clip(tiny_clip), labels).T
     np.testing.assert_allclose(zero_shot, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_trained_on_single_template_labels_is_scored_against_single_template_labels(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    labels = ["cat", "dog", "bird"]
+    vectors = build_cache(run_dir, tiny_clip, "folder", labels, {"all": labels}, np.eye(3, dtype=bool)[[0, 1, 2, 0]])
+    build_adapter(run_dir, tiny_clip, label_templates="single")
+    run_eval(run_dir, tiny_clip, dataset="folder")
+    scores = pq.read_table(run_dir / "eval/folder/scores.parquet").to_pylist()
+    adapter_scores = np.array([row["scores"] for row in scores if row["method"] == "adapter"])
+    adapter, _ = load_adapter(run_dir / "adapter", tiny_clip, load_clip(tiny_clip).dim)
+    single = label_embeddings(load_clip(tiny_clip), labels, "single")
+    expected = adapter.score(torch.from_numpy(vectors), torch.from_numpy(single))
+    np.testing.assert_allclose(adapter_scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_leaves_embed_texts_labels_folder_alone(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    assert not (run_dir / "labels").exists()
+    assert list((run_dir / "cache/labels").glob("*.parquet"))
 
 
 def test_per_label_ap_matches_the_metrics_on_the_scores(nuswide_run, tiny_clip):

@@ -116,3 +116,9 @@ def test_missing_adapter_says_to_run_train_adapter(photos, tmp_path, tiny_clip):
 def test_labels_are_required(photos, run_dir, tiny_clip):
     result = ovml_predict(photos[0], "--run-dir", run_dir, "--clip", tiny_clip)
     _one_line_error(result, "--labels")
+
+
+def test_predict_leaves_embed_texts_labels_folder_alone(photos, run_dir, tiny_clip):
+    result = ovml_predict(*photos, "--labels", LABELS, "--run-dir", run_dir, "--clip", tiny_clip)
+    assert result.exit_code == 0, result.output
+    assert not (run_dir / "labels").exists()

@@ -75,6 +75,14 @@ def test_training_writes_weights_config_and_a_log_row_per_epoch(tmp_path):
     assert model(torch.zeros(2, 16) + 0.25, torch.eye(16)[:6]).shape == (2, 6)
 
 
+def test_the_adapter_records_the_label_templates_embed_text_used(tmp_path):
+    run = small_run(tmp_path)
+    labels = pq.read_table(run / "labels/train.parquet")
+    pq.write_table(labels.replace_schema_metadata({"templates": "single"}), run / "labels/train.parquet")
+    train_adapter(config(run))
+    assert json.loads((run / "adapter/config.json").read_text())["label_templates"] == "single"
+
+
 @pytest.mark.parametrize("loss, head", [("asl", "cosine"), ("bce", "magnitude"), ("rank", "cosine")])
 def test_every_loss_and_head_learns_beyond_the_first_epoch(tmp_path, loss, head):
     train_adapter(config(small_run(tmp_path), loss=loss, head=head, epochs=4, patience=10, lr=3e-3))
