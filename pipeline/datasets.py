@@ -34,22 +34,6 @@ VOC_CLASSES = {"aeroplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "
                "person": "person", "pottedplant": "potted plant", "sheep": "sheep", "sofa": "sofa",
                "train": "train", "tvmonitor": "tv monitor"}
 
-LAYOUTS = {
-    "nuswide": "the NUS-WIDE release: Flickr/, ImageList/TestImagelist.txt, "
-               "Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt, NUS_WID_Tags/TagList1k.txt, "
-               "NUS_WID_Tags/Test_Tags1k.dat and Concepts81.txt",
-    "openimages": "the Open Images folder: 2018_04/{class-descriptions.csv, classes-trainable.txt, "
-                  "top_400_unseen.csv, test/images.csv, test/test-annotations-human-imagelabels.csv} "
-                  "and test/<ImageID>.jpg",
-    "coco2014": "the COCO 2014 folder: annotations/instances_val2014.json and val2014/",
-    "voc2007": "the VOCdevkit folder: VOC2007/ImageSets/Main/<class>_test.txt and VOC2007/JPEGImages/",
-    "fashion-mnist": "the Fashion-MNIST IDX files t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] "
-                     "(`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist)",
-    "folder": "a CSV file with a header `path,labels`: one image per row, labels separated by '|', "
-              "paths relative to the CSV",
-}
-
-
 @dataclass(frozen=True)
 class Record:
     """One test image. negatives None: every label not positive and not ignored is negative."""
@@ -79,27 +63,23 @@ class Dataset:
 
 
 def read_dataset(name: str, root: str | Path | None, mosaic: int = 2) -> Dataset:
-    if name not in LAYOUTS:
-        raise OvmlError(f"unknown dataset '{name}'; choose one of: {', '.join(LAYOUTS)}")
+    if name not in DATASETS:
+        raise OvmlError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
     if not root:
         if name != "fashion-mnist":
-            raise OvmlError(f"--root is required for {name}: {LAYOUTS[name]}")
+            raise OvmlError(f"--root is required for {name}: {DATASETS[name].layout}")
         if not FASHION_MNIST_ROOT.is_dir():
-            raise OvmlError(f"{FASHION_MNIST_ROOT} does not exist; pass --root with {LAYOUTS[name]}")
+            raise OvmlError(f"{FASHION_MNIST_ROOT} does not exist; pass --root with {DATASETS[name].layout}")
         root = FASHION_MNIST_ROOT
     root = Path(root).expanduser().resolve()
     if not root.exists():
-        raise OvmlError(f"--root {root} does not exist; {name} expects {LAYOUTS[name]}")
-    if name == "fashion-mnist":
-        return _read_fashion_mnist(root, mosaic)
-    readers = {"nuswide": _read_nuswide, "openimages": _read_openimages, "coco2014": _read_coco2014,
-               "voc2007": _read_voc2007, "folder": _read_folder}
-    return readers[name](root)
+        raise OvmlError(f"--root {root} does not exist; {name} expects {DATASETS[name].layout}")
+    return DATASETS[name].read(root, mosaic)
 
 
 def _need(path: Path, dataset: str) -> Path:
     if not path.exists():
-        raise OvmlError(f"{path} is missing; --root for {dataset} must hold {LAYOUTS[dataset]}")
+        raise OvmlError(f"{path} is missing; --root for {dataset} must hold {DATASETS[dataset].layout}")
     return path
 
 
@@ -113,7 +93,7 @@ def _binary_matrix(path: Path, rows: int, dataset: str) -> np.ndarray:
     digits = data[(data == ord("0")) | (data == ord("1"))]
     if rows == 0 or digits.size % rows:
         raise OvmlError(f"{path} has {digits.size} 0/1 values, not a multiple of the {rows} test images; "
-                        f"--root for {dataset} must hold {LAYOUTS[dataset]}")
+                        f"--root for {dataset} must hold {DATASETS[dataset].layout}")
     return (digits == ord("1")).reshape(rows, -1)
 
 
@@ -346,16 +326,70 @@ def _render_mosaic(images_file: str, members: tuple[int, ...]) -> Image.Image:
 def _read_folder(csv_file: Path) -> Dataset:
     name = "folder"
     if not csv_file.is_file():
-        raise OvmlError(f"{csv_file} is not a file; --root for folder must be {LAYOUTS[name]}")
+        raise OvmlError(f"{csv_file} is not a file; --root for folder must be {DATASETS[name].layout}")
     with open(csv_file, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not {"path", "labels"} <= set(reader.fieldnames or []):
-            raise OvmlError(f"{csv_file} must start with the header `path,labels`; it is {LAYOUTS[name]}")
+            raise OvmlError(f"{csv_file} must start with the header `path,labels`; it is {DATASETS[name].layout}")
         rows = [(row["path"].strip(), row["labels"] or "") for row in reader if (row["path"] or "").strip()]
     if not rows:
-        raise OvmlError(f"{csv_file} lists no images; it must be {LAYOUTS[name]}")
+        raise OvmlError(f"{csv_file} lists no images; it must be {DATASETS[name].layout}")
     per_image = [tuple(dict.fromkeys(p.strip() for p in labels.split("|") if p.strip())) for _, labels in rows]
     labels = sorted({label for names in per_image for label in names})
     records = [Record(path, str(csv_file.parent / path), names) for (path, _), names in zip(rows, per_image,
                                                                                             strict=True)]
     return Dataset(name, csv_file, labels, {"all": labels}, records, [csv_file])
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One published way to score a dataset: which label split is ranked, at which K, over which images."""
+
+    name: str
+    split: str
+    ks: tuple[int, ...]
+    images_with_a_positive_only: bool
+
+
+ALL_LABELS = (Protocol("all", "all", (3,), False),)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset as ovml knows it: its release layout, its reader (root, mosaic K), its evaluation protocols."""
+
+    layout: str
+    read: Callable[[Path, int], Dataset]
+    protocols: tuple[Protocol, ...] = ALL_LABELS
+
+
+# The one table of datasets (open_clip's pretrained registry is the model): embed-images, eval and the
+# vocabulary reader all look a dataset up here.
+DATASETS: dict[str, DatasetSpec] = {
+    "nuswide": DatasetSpec(
+        layout="the NUS-WIDE release: Flickr/, ImageList/TestImagelist.txt, "
+               "Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt, NUS_WID_Tags/TagList1k.txt, "
+               "NUS_WID_Tags/Test_Tags1k.dat and Concepts81.txt",
+        read=lambda root, mosaic: _read_nuswide(root),
+        protocols=(Protocol("ZSL", "unseen", (3, 5), True), Protocol("GZSL", "all", (3, 5), True))),
+    "openimages": DatasetSpec(
+        layout="the Open Images folder: 2018_04/{class-descriptions.csv, classes-trainable.txt, "
+               "top_400_unseen.csv, test/images.csv, test/test-annotations-human-imagelabels.csv} "
+               "and test/<ImageID>.jpg",
+        read=lambda root, mosaic: _read_openimages(root),
+        protocols=(Protocol("ZSL", "unseen", (10, 20), True), Protocol("GZSL", "all", (10, 20), True))),
+    "coco2014": DatasetSpec(
+        layout="the COCO 2014 folder: annotations/instances_val2014.json and val2014/",
+        read=lambda root, mosaic: _read_coco2014(root)),
+    "voc2007": DatasetSpec(
+        layout="the VOCdevkit folder: VOC2007/ImageSets/Main/<class>_test.txt and VOC2007/JPEGImages/",
+        read=lambda root, mosaic: _read_voc2007(root)),
+    "fashion-mnist": DatasetSpec(
+        layout="the Fashion-MNIST IDX files t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] "
+               "(`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist)",
+        read=_read_fashion_mnist),
+    "folder": DatasetSpec(
+        layout="a CSV file with a header `path,labels`: one image per row, labels separated by '|', "
+               "paths relative to the CSV",
+        read=lambda root, mosaic: _read_folder(root)),
+}

@@ -1,1 +1,7 @@
-"""One module per pipeline stage; each has one entry function taking a typed config."""
+"""One module per command; each has one entry function taking a typed config (a dataclass).
+
+The pipeline stages (generate_text, embed_text, train_adapter, embed_images, evaluate) read and write
+artifacts in a run directory and record themselves in its manifest. Two modules here are not stages but sit
+beside them because a newcomer looks for every command in one place: `predict` reads the adapter and writes
+nothing, and `run` is the orchestrator that calls the stages in order (the one module that imports others).
+"""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,15 +27,13 @@ from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.text_embeddings import embedding_matrix
 
-DATASETS = Literal["nuswide", "openimages", "coco2014", "voc2007", "fashion-mnist", "folder"]
-
 
 @dataclass
 class EmbedImagesConfig:
     run_dir: Path = not_fingerprinted(Path("runs/default"))
     clip: str = "ViT-B-16:openai"
     device: str = not_fingerprinted("auto")
-    dataset: DATASETS = "folder"
+    dataset: str = "folder"  # a name in pipeline/datasets.py DATASETS
     root: str = ""
     limit: int | None = None
     mosaic: int = 2

@@ -1,11 +1,10 @@
 """eval: adapter vs zero-shot CLIP on a cached dataset, with the published protocols -> eval/<dataset>/.
 
-Both methods score the same cached image vectors against the same prompt-pool label embeddings, so the
-report compares the adapter and zero-shot CLIP and nothing else. Protocols, by dataset:
-  nuswide     ZSL = the 81 unseen concepts, GZSL = all 1006 labels; mAP, F1@3, F1@5
-  openimages  ZSL = the top-400 unseen classes, GZSL = all classes; mAP, F1@10, F1@20
-  others      all labels; mAP, F1@3
-In the zero-shot protocols (nuswide, openimages) an image counts only if it has a positive among the
+The command is `ovml eval`; the module is `evaluate` (`eval` is a Python builtin) and its config EvalConfig.
+Both methods score the same cached image vectors, so the report compares the adapter and zero-shot CLIP and
+nothing else. Each dataset's protocols (label split, K values, which images count) are declared once, in
+pipeline/datasets.py DATASETS: NUS-WIDE ZSL/GZSL with F1@3/5, Open Images ZSL/GZSL with F1@10/20, the others
+all labels with F1@3. In the zero-shot protocols an image counts only if it has a positive among the
 protocol's labels, as in the papers; elsewhere every image counts.
 """
 
@@ -26,7 +25,7 @@ from ovml.pipeline.adapter import AdapterConfig, load_adapter
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
-from ovml.pipeline.datasets import LAYOUTS
+from ovml.pipeline.datasets import DATASETS, Protocol
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_image_cache
 from ovml.pipeline.label_embeddings import label_embeddings
@@ -45,24 +44,9 @@ class EvalConfig:
     force: bool = not_fingerprinted(False)
 
 
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    split: str
-    ks: tuple[int, ...]
-    images_with_a_positive_only: bool
-
-
-PROTOCOLS = {
-    "nuswide": (Protocol("ZSL", "unseen", (3, 5), True), Protocol("GZSL", "all", (3, 5), True)),
-    "openimages": (Protocol("ZSL", "unseen", (10, 20), True), Protocol("GZSL", "all", (10, 20), True)),
-}
-DEFAULT_PROTOCOLS = (Protocol("all", "all", (3,), False),)
-
-
 def evaluate(cfg: EvalConfig) -> StageOutcome:
-    if cfg.dataset not in LAYOUTS:
-        raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(LAYOUTS)}")
+    if cfg.dataset not in DATASETS:
+        raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(DATASETS)}")
     run_dir = RunDir(cfg.run_dir)
     cache = image_cache(cfg.dataset)
     if not (run_dir / cache / "dataset.json").is_file():
@@ -153,7 +137,7 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
 def _protocols(dataset: str, info: dict[str, Any]) -> list[tuple[Protocol, list[str]]]:
     """The dataset's protocols whose label split the cache has (Open Images may lack the full class list)."""
     splits = {"all": info["labels"], **info.get("splits", {})}
-    found = [(p, list(splits[p.split])) for p in PROTOCOLS.get(dataset, DEFAULT_PROTOCOLS) if splits.get(p.split)]
+    found = [(p, list(splits[p.split])) for p in DATASETS[dataset].protocols if splits.get(p.split)]
     if not found:
         raise OvmlError(f"{dataset}'s image cache lists no labels; re-run `ovml embed-images --force`")
     return found

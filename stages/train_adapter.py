@@ -68,18 +68,18 @@ class TrainingData:
 
 def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
     _check(cfg)
-    rd = RunDir(cfg.run_dir)
-    rd.require(VOCABULARY, produced_by="generate_text")
-    rd.require(TEXT_EMB, produced_by="embed_text")
-    rd.require(TRAIN_LABELS, produced_by="embed_text")
-    _check_clip_matches_embeddings(rd, cfg.clip)
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.require(VOCABULARY, produced_by="generate_text")
+    run_dir.require(TEXT_EMB, produced_by="embed_text")
+    run_dir.require(TRAIN_LABELS, produced_by="embed_text")
+    _check_clip_matches_embeddings(run_dir, cfg.clip)
     params = as_params(cfg)
-    inputs = files_under(rd.path, [CAPTIONS, TEXT_EMB, TRAIN_LABELS])
+    inputs = files_under(run_dir.path, [CAPTIONS, TEXT_EMB, TRAIN_LABELS])
 
     def body(resume: bool) -> dict:
-        return _train(cfg, rd, _read_training_data(rd))
+        return _train(cfg, run_dir, _read_training_data(run_dir))
 
-    return run_stage(rd, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
+    return run_stage(run_dir, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
                      force=cfg.force, models={"clip": cfg.clip})
 
 
@@ -95,35 +95,35 @@ def _check(cfg: TrainAdapterConfig) -> None:
         raise OvmlError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 
 
-def _check_clip_matches_embeddings(rd: RunDir, clip: str) -> None:
+def _check_clip_matches_embeddings(run_dir: RunDir, clip: str) -> None:
     """An adapter records the CLIP spec it was trained for, so that spec must be the one that made text_emb/."""
-    made_with = ((rd.stage_record("embed_text") or {}).get("params") or {}).get("clip")
+    made_with = ((run_dir.stage_record("embed_text") or {}).get("params") or {}).get("clip")
     if made_with is not None and made_with != clip:
-        raise OvmlError(f"text_emb/ in {rd.path} was embedded with '{made_with}', not '{clip}'; "
+        raise OvmlError(f"text_emb/ in {run_dir.path} was embedded with '{made_with}', not '{clip}'; "
                         f"pass --clip {made_with} (or re-run embed-text with --clip {clip})")
 
 
-def _read_training_data(rd: RunDir) -> TrainingData:
+def _read_training_data(run_dir: RunDir) -> TrainingData:
     """Captions' verified labels as targets, joined to their text embeddings by caption_id."""
-    vocabulary = read_vocabulary_json(rd / VOCABULARY)
-    labels = pq.read_table(rd / TRAIN_LABELS, columns=["label", "embedding"])
+    vocabulary = read_vocabulary_json(run_dir / VOCABULARY)
+    labels = pq.read_table(run_dir / TRAIN_LABELS, columns=["label", "embedding"])
     label_templates = (labels.schema.metadata or {}).get(b"templates", b"pool").decode()
     if labels.column("label").to_pylist() != vocabulary:
-        raise OvmlError(f"{rd / TRAIN_LABELS} does not list the labels of captions/vocabulary.json in "
-                        f"order; re-run `ovml embed-text --force --run-dir {rd.path}`")
-    parts = sorted((rd / CAPTIONS).glob(PART_GLOB))
+        raise OvmlError(f"{run_dir / TRAIN_LABELS} does not list the labels of captions/vocabulary.json in "
+                        f"order; re-run `ovml embed-text --force --run-dir {run_dir.path}`")
+    parts = sorted((run_dir / CAPTIONS).glob(PART_GLOB))
     if not parts:
-        raise OvmlError(f"no captions (part-*.parquet) in {rd / CAPTIONS}; run `ovml generate-text` first")
+        raise OvmlError(f"no captions (part-*.parquet) in {run_dir / CAPTIONS}; run `ovml generate-text` first")
     captions = pa.concat_tables(pq.read_table(p, columns=["caption_id", "labels"]) for p in parts)
-    text_ids, text_emb = read_text_embeddings(rd / TEXT_EMB)
+    text_ids, text_emb = read_text_embeddings(run_dir / TEXT_EMB)
     row = pc.index_in(captions.column("caption_id"), value_set=pa.array(text_ids, pa.string()))
     if row.null_count:
         raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
-                        f"`ovml embed-text --run-dir {rd.path}`")
+                        f"`ovml embed-text --run-dir {run_dir.path}`")
     label_emb = embedding_matrix(labels.column("embedding"))
     if label_emb.shape[1] != text_emb.shape[1]:
         raise OvmlError(f"label embeddings are {label_emb.shape[1]}-d but text embeddings {text_emb.shape[1]}-d; "
-                        f"re-run `ovml embed-text --force --run-dir {rd.path}`")
+                        f"re-run `ovml embed-text --force --run-dir {run_dir.path}`")
     return TrainingData(torch.from_numpy(text_emb[row.to_numpy()]),
                         torch.from_numpy(_targets(captions.column("labels"), vocabulary)),
                         torch.from_numpy(label_emb), vocabulary, label_templates)
@@ -137,7 +137,7 @@ def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
     return targets
 
 
-def _train(cfg: TrainAdapterConfig, rd: RunDir, data: TrainingData) -> dict:
+def _train(cfg: TrainAdapterConfig, run_dir: RunDir, data: TrainingData) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     order = np.random.default_rng(cfg.seed).permutation(len(data.embeddings))
@@ -194,8 +194,8 @@ def _train(cfg: TrainAdapterConfig, rd: RunDir, data: TrainingData) -> dict:
     model.load_state_dict(best["state"])
     best_map = None if math.isnan(best["val_mAP"]) else best["val_mAP"]
     config.training.update(best_epoch=best["epoch"], best_val_mAP=best_map)
-    save_adapter(rd / ADAPTER, model)
-    atomic.write_parquet(rd / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
+    save_adapter(run_dir / ADAPTER, model)
+    atomic.write_parquet(run_dir / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
     return {"captions": len(order), "labels": len(data.vocabulary), "epochs_run": len(log),
             "best_epoch": best["epoch"], "best_val_mAP": best_map}
 
