@@ -176,6 +176,8 @@ def train_adapter(
     batch_size: Annotated[int | None, typer.Option(help="\\[default: 512]")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate. \\[default: 1e-3]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="\\[default: 1e-4]")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of linear learning-rate warm-up before the "
+                                                        "cosine decay. \\[default: 1.0]")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Captions held out for text-side val mAP. "
                                                        "\\[default: 0.1]")] = None,
     patience: Annotated[int | None, typer.Option(help="Epochs without val mAP gain before stopping. "
