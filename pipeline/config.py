@@ -94,6 +94,8 @@ def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
             return False, None
         items = [_fits(v, item_hint) for v in value]
         return all(ok for ok, _ in items), [v for _, v in items]
+    if hint is dict:
+        return isinstance(value, dict), value
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
@@ -119,7 +121,8 @@ def _describe(hint: Any) -> str:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
     if hint is type(None):
         return "unset"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}[hint]
+    return {dict: "a table", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a path"}[hint]
 
 
 def not_fingerprinted(default: Any) -> Any:

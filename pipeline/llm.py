@@ -11,7 +11,7 @@ import concurrent.futures
 import importlib.util
 import json
 import os
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,17 +127,20 @@ class LlamaCppBackend:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible server (vLLM serve, llama.cpp server, ...) with a bounded pool of threads.
+    """Any OpenAI-compatible server (vLLM serve, llama.cpp server, a hosted API) through the official client.
 
-    Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; other HTTP errors are
-    the user's to fix (wrong model name, bad key) and stop the stage with the server's message.
+    The `openai` client retries connection errors, timeouts, 429 and 5xx with exponential backoff; other
+    HTTP errors are the user's to fix (wrong model name, bad key) and stop the stage with the server's message.
+    Structured output is asked for in the standard dialect (`json_schema`); a server that rejects it gets
+    llama.cpp's `json_object` + `schema` (the first request decides, for the whole run), and `dialect` says which.
     """
 
     name = "openai"
+    DIALECTS = ("json_schema", "json_object")
 
     def __init__(self, base_url: str | None, model: str | None, sampling: Sampling, concurrency: int = 4,
-                 timeout: float = 120.0, retries: int = 5, backoff: float = 1.0):
-        import httpx
+                 timeout: float = 120.0, retries: int = 5, extra_body: dict | None = None):
+        import openai
 
         if not base_url:
             raise OvmlError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
@@ -147,71 +150,95 @@ class OpenAIBackend:
         self.sampling = sampling
         self.concurrency = concurrency
         self.retries = retries
-        self.backoff = backoff
-        key = os.environ.get(API_KEY_ENV)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self._http = httpx.Client(headers=headers, timeout=timeout, limits=limits)
+        self.extra_body = dict(extra_body or {})
+        self.dialect = self.DIALECTS[0]
+        self._decided = False
+        self._deciding = threading.Lock()
+        # Servers without authentication ignore the key; the client itself insists on one.
+        self._client = openai.OpenAI(api_key=os.environ.get(API_KEY_ENV) or "no-key", base_url=self.base_url,
+                                     timeout=timeout, max_retries=retries)
         self.model = model or self._served_model()
 
     def _served_model(self) -> str:
         """Servers that host one model (llama.cpp) need no --model: ask which one it is."""
-        data = self._send("GET", "/models")
-        models = [m.get("id") for m in data.get("data", []) if m.get("id")]
+        models = self._call(lambda: [m.id for m in self._client.models.list()], "/models")
         if not models:
             raise OvmlError(f"{self.base_url}/models lists no model; pass --model NAME")
         return models[0]
 
-    def _send(self, method: str, path: str, body: dict | None = None) -> dict:
-        import httpx
+    def _call(self, send, path: str):
+        """The client's answer, or the one-line error that names the fix."""
+        import openai
 
-        url = self.base_url + path
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                response = self._http.request(method, url, json=body)
-            except httpx.TransportError as e:
-                last_error = f"{type(e).__name__}: {e}"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                last_error = f"HTTP {response.status_code}"
-                continue
-            if response.status_code >= 400:
-                raise OvmlError(f"{url} answered HTTP {response.status_code}: {response.text[:200]}; "
-                                f"check --model, --base-url and ${API_KEY_ENV}")
-            try:
-                return response.json()
-            except json.JSONDecodeError:
-                raise OvmlError(f"{url} did not answer JSON; is --base-url an OpenAI-compatible /v1 URL?") from None
-        raise OvmlError(f"no answer from {url} after {self.retries + 1} attempts ({last_error}); "
-                        "start the server or fix --base-url, then run again to resume")
+        try:
+            return send()
+        except openai.APIStatusError as e:
+            if e.status_code == 429 or e.status_code >= 500:
+                raise OvmlError(f"no answer from {self.base_url}{path} after {self.retries} retries (HTTP "
+                                f"{e.status_code}); wait for the server or fix --base-url, then run again to "
+                                "resume") from None
+            raise OvmlError(f"{self.base_url}{path} answered HTTP {e.status_code}: {_first_line(e.message)}; "
+                            f"check --model, --base-url and ${API_KEY_ENV}") from None
+        except openai.APIConnectionError as e:
+            raise OvmlError(f"no answer from {self.base_url}{path} after {self.retries} retries "
+                            f"({_first_line(str(e))}); start the server or fix --base-url, then run again to "
+                            "resume") from None
+
+    def request_body(self, request: ChatRequest, dialect: str) -> dict:
+        """The chat-completions fields sent (extra_body's server-specific options ride beside them)."""
+        if dialect == "json_schema":
+            response_format = {"type": "json_schema",
+                               "json_schema": {"name": "caption", "schema": CAPTION_SCHEMA, "strict": True}}
+        else:
+            response_format = {"type": "json_object", "schema": CAPTION_SCHEMA}
+        return {"model": self.model, "messages": request.as_openai(), "temperature": self.sampling.temperature,
+                "top_p": self.sampling.top_p, "max_tokens": self.sampling.max_tokens, "seed": request.seed,
+                "response_format": response_format}
 
     def _complete_one(self, request: ChatRequest) -> str:
-        body = {
-            "model": self.model,
-            "messages": request.as_openai(),
-            "temperature": self.sampling.temperature,
-            "top_p": self.sampling.top_p,
-            "max_tokens": self.sampling.max_tokens,
-            "seed": request.seed,
-            "response_format": {"type": "json_object", "schema": CAPTION_SCHEMA},
-        }
-        data = self._send("POST", "/chat/completions", body)
+        with self._deciding:  # the run's first answer settles the dialect; the other threads wait for it
+            if not self._decided:
+                answer = self._first_answer(request)
+                self._decided = True
+                return answer
+        return self._send(request, self._client)
+
+    def _first_answer(self, request: ChatRequest) -> str:
+        """json_schema, asked once without retries: a server that cannot take it (llama-cpp-python's answers
+        HTTP 500, strict ones 400/422) gets json_object from then on, with the client's usual retries."""
+        import openai
+
         try:
-            return data["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            return ""
+            return self._send(request, self._client.with_options(max_retries=0))
+        except openai.APIStatusError as e:
+            if e.status_code not in (400, 422, 500):
+                if e.status_code == 429 or e.status_code >= 500:  # busy, not a verdict: ask again, with retries
+                    return self._send(request, self._client)
+                raise
+        except openai.APIConnectionError:
+            return self._send(request, self._client)
+        self.dialect = self.DIALECTS[1]
+        return self._send(request, self._client)
+
+    def _send(self, request: ChatRequest, client) -> str:
+        answer = client.chat.completions.create(**self.request_body(request, self.dialect),
+                                                extra_body=self.extra_body or None)
+        choices = answer.choices or []
+        return (choices[0].message.content or "") if choices else ""
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            futures = [pool.submit(self._complete_one, request) for request in requests]
+            futures = [pool.submit(self._call, lambda r=request: self._complete_one(r), "/chat/completions")
+                       for request in requests]
             for future in futures:
                 yield future.result()
         finally:  # on Ctrl-C or an error, drop the queued requests instead of sending them all first
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:200]
 
 
 class VllmBackend:
@@ -247,11 +274,11 @@ class VllmBackend:
 
 
 def open_backend(backend: str, model: str | None, base_url: str | None, sampling: Sampling,
-                 concurrency: int) -> LlmBackend:
+                 concurrency: int, extra_body: dict | None = None) -> LlmBackend:
     if backend == "llama-cpp":
         return LlamaCppBackend(model, sampling)
     if backend == "openai":
-        return OpenAIBackend(base_url, model, sampling, concurrency)
+        return OpenAIBackend(base_url, model, sampling, concurrency, extra_body=extra_body)
     if backend == "vllm":
         return VllmBackend(model, sampling)
     raise OvmlError(f"unknown LLM backend '{backend}'; use llama-cpp, openai or vllm")

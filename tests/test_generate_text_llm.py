@@ -9,10 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
 
@@ -103,14 +103,18 @@ def llama_server():
             assert server.poll() is None, "llama_cpp.server exited during start-up"
             assert time.monotonic() < deadline, "llama_cpp.server did not become ready within 60 s"
             try:
-                if httpx.get(f"{base_url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
+                with urllib.request.urlopen(f"{base_url}/models", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
                 time.sleep(0.2)
         yield base_url
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+LLAMA_SERVER_DIALECT = "json_object"  # llama-cpp-python 0.3.x answers json_schema with HTTP 500
 
 
 def test_openai_backend_generates_through_a_real_llama_cpp_server(tmp_path, llama_server):
@@ -121,4 +125,7 @@ def test_openai_backend_generates_through_a_real_llama_cpp_server(tmp_path, llam
     rows = assert_verified_and_counted(tmp_path / "run", labels, 1, outcome.summary)
     assert {row["backend"] for row in rows} == {"openai"}
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["stages"]["generate_text"]["summary"]["kept"] == len(rows)
+    summary = manifest["stages"]["generate_text"]["summary"]
+    assert summary["kept"] == len(rows)
+    print("structured output dialect llama_cpp.server took:", summary["structured_output"])
+    assert summary["structured_output"] == LLAMA_SERVER_DIALECT

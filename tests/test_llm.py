@@ -92,28 +92,61 @@ def scripted_server(request):
                          indirect=True)
 def test_openai_backend_retries_busy_servers_and_sends_seed_schema_and_key(scripted_server, monkeypatch):
     monkeypatch.setenv("OVML_API_KEY", "secret")
-    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, concurrency=2, backoff=0.01)
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, concurrency=2, retries=2)
     assert list(backend.complete([REQUEST])) == ['{"caption": "A dog."}']
     sent = scripted_server.bodies[-1]
-    assert (sent["seed"], sent["model"], sent["response_format"]["type"]) == (7, "m", "json_object")
+    assert (sent["seed"], sent["model"], sent["response_format"]["type"]) == (7, "m", "json_schema")
+    assert sent["response_format"]["json_schema"]["schema"] == CAPTION_SCHEMA
     assert sent["authorization"] == "Bearer secret"
     assert len(scripted_server.bodies) == 3
 
 
 @pytest.mark.parametrize("scripted_server", [[(503, {})]], indirect=True)
 def test_openai_backend_gives_up_after_its_retries_with_a_one_line_error(scripted_server):
-    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, retries=2, backoff=0.01)
-    with pytest.raises(OvmlError, match="after 3 attempts"):
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, retries=1)
+    with pytest.raises(OvmlError, match="after 1 retries \\(HTTP 503\\)") as error:
         list(backend.complete([REQUEST]))
-    assert len(scripted_server.bodies) == 3
+    assert "\n" not in str(error.value)
+    assert len(scripted_server.bodies) == 3  # the dialect probe, then one request and its one retry
 
 
-@pytest.mark.parametrize("scripted_server", [[(404, {"error": "model 'm' not found"})]], indirect=True)
+@pytest.mark.parametrize("scripted_server", [[(404, {"error": {"message": "model 'm' not found"}})]], indirect=True)
 def test_openai_backend_does_not_retry_client_errors(scripted_server):
-    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, backoff=0.01)
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING)
     with pytest.raises(OvmlError, match="HTTP 404.*not found"):
         list(backend.complete([REQUEST]))
     assert len(scripted_server.bodies) == 1
+
+
+@pytest.mark.parametrize("scripted_server", [[(400, {"error": {"message": "unknown response_format json_schema"}}),
+                                              answer('{"caption": "A dog."}')]], indirect=True)
+def test_a_server_that_rejects_json_schema_gets_json_object_for_the_rest_of_the_run(scripted_server):
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, concurrency=1)
+    assert list(backend.complete([REQUEST, REQUEST])) == ['{"caption": "A dog."}'] * 2
+    kinds = [body["response_format"]["type"] for body in scripted_server.bodies]
+    assert kinds == ["json_schema", "json_object", "json_object"]
+    assert scripted_server.bodies[-1]["response_format"]["schema"] == CAPTION_SCHEMA
+    assert backend.dialect == "json_object"
+
+
+@pytest.mark.parametrize("scripted_server", [[answer('{"caption": "A dog."}')]], indirect=True)
+@pytest.mark.parametrize("dialect", OpenAIBackend.DIALECTS)
+def test_the_request_body_has_only_fields_of_the_chat_completions_api(scripted_server, dialect):
+    from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING)
+    backend.dialect = dialect
+    list(backend.complete([REQUEST]))
+    sent = set(scripted_server.bodies[-1]) - {"authorization"}  # the header, copied in by ScriptedServer
+    assert sent == set(backend.request_body(REQUEST, dialect))
+    assert sent <= set(CompletionCreateParamsBase.__annotations__)
+
+
+@pytest.mark.parametrize("scripted_server", [[answer('{"caption": "A dog."}')]], indirect=True)
+def test_server_specific_sampling_options_ride_in_extra_body(scripted_server):
+    backend = OpenAIBackend(scripted_server.url, "m", SAMPLING, extra_body={"top_k": 20, "repetition_penalty": 1.1})
+    list(backend.complete([REQUEST]))
+    assert (scripted_server.bodies[-1]["top_k"], scripted_server.bodies[-1]["repetition_penalty"]) == (20, 1.1)
 
 
 @pytest.mark.parametrize("scripted_server", [[(200, {"data": [{"id": "served-model"}]})]], indirect=True)
