@@ -354,6 +354,11 @@ class Protocol:
 ALL_LABELS = (Protocol("all", "all", (3,), False),)
 
 
+def zero_shot_protocols(ks: tuple[int, ...]) -> tuple[Protocol, ...]:
+    """The published pair: ZSL ranks the unseen labels, GZSL all of them; images without a positive skipped."""
+    return Protocol("ZSL", "unseen", ks, True), Protocol("GZSL", "all", ks, True)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A dataset as ovml knows it: its release layout, its reader (root, mosaic K), its evaluation protocols."""
@@ -371,13 +376,13 @@ DATASETS: dict[str, DatasetSpec] = {
                "Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt, NUS_WID_Tags/TagList1k.txt, "
                "NUS_WID_Tags/Test_Tags1k.dat and Concepts81.txt",
         read=lambda root, mosaic: _read_nuswide(root),
-        protocols=(Protocol("ZSL", "unseen", (3, 5), True), Protocol("GZSL", "all", (3, 5), True))),
+        protocols=zero_shot_protocols((3, 5))),
     "openimages": DatasetSpec(
         layout="the Open Images folder: 2018_04/{class-descriptions.csv, classes-trainable.txt, "
                "top_400_unseen.csv, test/images.csv, test/test-annotations-human-imagelabels.csv} "
                "and test/<ImageID>.jpg",
         read=lambda root, mosaic: _read_openimages(root),
-        protocols=(Protocol("ZSL", "unseen", (10, 20), True), Protocol("GZSL", "all", (10, 20), True))),
+        protocols=zero_shot_protocols((10, 20))),
     "coco2014": DatasetSpec(
         layout="the COCO 2014 folder: annotations/instances_val2014.json and val2014/",
         read=lambda root, mosaic: _read_coco2014(root)),

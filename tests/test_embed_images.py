@@ -9,19 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import (
-    FASHION_CLASSES,
-    coco2014_release,
-    fashion_mnist_release,
-    folder_release,
-    nuswide_release,
-    openimages_release,
-    voc2007_release,
-    write_jpeg,
-)
 from typer.testing import CliRunner
 
 from ovml.cli import app
@@ -39,7 +30,7 @@ def config(tmp_path: Path, clip: str, dataset: str, root: Path, **overrides) -> 
 
 
 def test_folder_cache_holds_the_readable_images_and_lists_the_rest_as_failures(tmp_path, tiny_clip):
-    outcome = embed_images(config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data")))
+    outcome = embed_images(config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data")))
     vectors, items, info = read_image_cache(tmp_path / "run" / "images" / "folder")
     failures = pq.read_table(tmp_path / "run" / "images" / "folder" / "failures.parquet")
     assert items["image_id"].to_pylist() == ["imgs/a.jpg", "imgs/b.jpg"]
@@ -52,7 +43,7 @@ def test_folder_cache_holds_the_readable_images_and_lists_the_rest_as_failures(t
 
 
 def test_each_index_row_is_the_embedding_of_its_items_row(tmp_path, tiny_clip):
-    csv_file = folder_release(tmp_path / "data")
+    csv_file = helpers.folder_release(tmp_path / "data")
     embed_images(config(tmp_path, tiny_clip, "folder", csv_file, batch_size=3))
     vectors, items, _ = read_image_cache(tmp_path / "run" / "images" / "folder")
     encoder = load_clip(tiny_clip, "cpu")
@@ -63,7 +54,7 @@ def test_each_index_row_is_the_embedding_of_its_items_row(tmp_path, tiny_clip):
 
 
 def test_dataset_json_records_what_eval_needs(tmp_path, tiny_clip):
-    embed_images(config(tmp_path, tiny_clip, "voc2007", voc2007_release(tmp_path / "voc")))
+    embed_images(config(tmp_path, tiny_clip, "voc2007", helpers.voc2007_release(tmp_path / "voc")))
     info = json.loads((tmp_path / "run" / "images" / "voc2007" / "dataset.json").read_text())
     assert {"dataset", "root", "clip", "random_weights", "labels", "splits", "images", "failures"} <= set(info)
     assert (info["dataset"], info["clip"], info["random_weights"]) == ("voc2007", tiny_clip, True)
@@ -71,7 +62,7 @@ def test_dataset_json_records_what_eval_needs(tmp_path, tiny_clip):
 
 
 def test_voc_items_keep_negatives_and_difficult_labels_and_the_corrupt_image_is_a_failure(tmp_path, tiny_clip):
-    root = voc2007_release(tmp_path / "voc")
+    root = helpers.voc2007_release(tmp_path / "voc")
     outcome = embed_images(config(tmp_path, tiny_clip, "voc2007", root))
     _, items, _ = read_image_cache(tmp_path / "run" / "images" / "voc2007")
     expected = {r.image_id: r for r in read_dataset("voc2007", root).records}
@@ -85,16 +76,16 @@ def test_voc_items_keep_negatives_and_difficult_labels_and_the_corrupt_image_is_
 
 
 def test_fashion_mnist_mosaics_embed_through_loader_workers(tmp_path, tiny_clip):
-    root = fashion_mnist_release(tmp_path / "fm", FASHION_CLASSES)
+    root = helpers.fashion_mnist_release(tmp_path / "fm", helpers.FASHION_CLASSES)
     outcome = embed_images(config(tmp_path, tiny_clip, "fashion-mnist", root, mosaic=2, workers=2))
     vectors, items, _ = read_image_cache(tmp_path / "run" / "images" / "fashion-mnist")
-    assert len(vectors) == len(items) == len(FASHION_CLASSES) // 4 == outcome.summary["images"]
+    assert len(vectors) == len(items) == len(helpers.FASHION_CLASSES) // 4 == outcome.summary["images"]
     assert items["path"].to_pylist()[1] == "t10k-images-idx3-ubyte#mosaic-000001"
     assert not (tmp_path / "run" / "images" / "fashion-mnist" / "chunks").exists()
 
 
 def test_limit_embeds_only_the_first_n_images(tmp_path, tiny_clip):
-    outcome = embed_images(config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data"), limit=3))
+    outcome = embed_images(config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"), limit=3))
     _, items, _ = read_image_cache(tmp_path / "run" / "images" / "folder")
     failures = pq.read_table(tmp_path / "run" / "images" / "folder" / "failures.parquet")
     assert items["image_id"].to_pylist() + failures["image_id"].to_pylist() == [
@@ -103,7 +94,7 @@ def test_limit_embeds_only_the_first_n_images(tmp_path, tiny_clip):
 
 
 def test_second_run_with_the_same_inputs_is_skipped(tmp_path, tiny_clip):
-    cfg = config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data"))
+    cfg = config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"))
     embed_images(cfg)
     assert embed_images(cfg).status == "skipped"
 
@@ -112,7 +103,7 @@ def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_cli
     """A FIFO in place of the 4th image blocks the run there; Ctrl-C (SIGINT) then interrupts it for real."""
     data = tmp_path / "data"
     for i in range(5):
-        write_jpeg(data / f"{i}.jpg", 30 * i)
+        helpers.write_jpeg(data / f"{i}.jpg", 30 * i)
     (data / "3.jpg").unlink()
     os.mkfifo(data / "3.jpg")
     (data / "labels.csv").write_text("path,labels\n" + "".join(f"{i}.jpg,l{i}\n" for i in range(5)))
@@ -131,7 +122,7 @@ def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_cli
         embed_images(cfg)
     assert len(list(chunks.glob("chunk-*.parquet"))) == 3
     (data / "3.jpg").unlink()
-    write_jpeg(data / "3.jpg", 99)
+    helpers.write_jpeg(data / "3.jpg", 99)
 
     outcome = embed_images(cfg)
     _, items, _ = read_image_cache(tmp_path / "run" / "images" / "folder")
@@ -143,7 +134,7 @@ def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_cli
 
 def test_non_positive_limit_is_a_user_error(tmp_path, tiny_clip):
     with pytest.raises(OvmlError, match="--limit"):
-        embed_images(config(tmp_path, tiny_clip, "folder", folder_release(tmp_path / "data"), limit=0))
+        embed_images(config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"), limit=0))
 
 
 def test_cli_reports_a_wrong_layout_in_one_line_with_exit_code_2(tmp_path, tiny_clip):
@@ -154,8 +145,9 @@ def test_cli_reports_a_wrong_layout_in_one_line_with_exit_code_2(tmp_path, tiny_
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("dataset, release", [("nuswide", nuswide_release), ("openimages", openimages_release),
-                                               ("coco2014", coco2014_release)])
+@pytest.mark.parametrize("dataset, release", [("nuswide", helpers.nuswide_release),
+                                              ("openimages", helpers.openimages_release),
+                                              ("coco2014", helpers.coco2014_release)])
 def test_every_release_layout_embeds_with_its_corrupt_image_counted_as_a_failure(tmp_path, tiny_clip, dataset,
                                                                                    release):
     root = release(tmp_path / dataset)
