@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -70,8 +71,6 @@ def _call_stage(section: str, entry, config_cls, options: dict[str, Any], json_o
 
 
 def _print_outcome(outcome, json_out: bool) -> None:
-    import json
-
     from ovml.pipeline.rundir import StageOutcome
 
     if not isinstance(outcome, StageOutcome):
@@ -273,6 +272,9 @@ def run(
         code = run(cfg, config_path)
     except OvmlError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        if json_out:  # cron parses one JSON line on every exit, a refused start included
+            print(json.dumps({"run_dir": str(run_dir) if run_dir else None, "exit_code": e.exit_code,
+                              "error": str(e), "stages": []}))
         raise typer.Exit(e.exit_code) from None
     raise typer.Exit(code)
 

@@ -52,7 +52,11 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     if not (run_dir / cache / "dataset.json").is_file():
         raise OvmlError(f"{run_dir / cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} "
                         f"--root DIR --run-dir {run_dir.path}` first")
-    embedded_with = _read_json(run_dir / cache / "dataset.json")["clip"]
+    info = _read_json(run_dir / cache / "dataset.json")
+    if not info.get("images"):
+        raise OvmlError(f"{run_dir / cache} holds no image (all {info.get('failures', 0)} failed to read or the "
+                        f"dataset lists none); fix the images under --root and re-run `ovml embed-images --force`")
+    embedded_with = info["clip"]
     if embedded_with != cfg.clip:
         raise OvmlError(f"{run_dir / cache} was embedded with '{embedded_with}', not '{cfg.clip}'; pass --clip "
                         f"{embedded_with} or re-run embed-images with --clip {cfg.clip}")

@@ -20,6 +20,7 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.rundir import RunDir
+from ovml.pipeline.vocabulary import load_vocabulary
 
 IMAGE_BATCH = 32
 
@@ -78,7 +79,7 @@ def _labels(cfg: PredictConfig) -> list[str]:
         path = Path(cfg.labels_file)
         if not path.is_file():
             raise OvmlError(f"labels file {path} does not exist; pass a text file with one label per line")
-        names = path.read_text(encoding="utf-8").splitlines()
+        names = load_vocabulary(str(path)).labels  # the format generate-text reads: comments, `label: synonyms`
     labels = list(dict.fromkeys(name.strip() for name in names if name.strip()))
     if not labels:
         raise OvmlError("the label list is empty; give at least one label name")

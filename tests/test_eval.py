@@ -192,6 +192,18 @@ def test_open_images_unknown_labels_are_ignored():
     assert ignored.tolist() == [[False, False, True], [False, False, True]]
 
 
+def test_a_cache_without_images_is_a_one_line_error_that_keeps_the_earlier_report(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    report = (run_dir / "eval/nuswide/report.json").read_bytes()
+    info = json.loads((run_dir / "images/nuswide/dataset.json").read_text())
+    (run_dir / "images/nuswide/dataset.json").write_text(json.dumps({**info, "images": 0, "failures": 40}))
+    with pytest.raises(OvmlError, match="holds no image") as error:
+        run_eval(run_dir, tiny_clip)
+    assert "\n" not in str(error.value)
+    assert (run_dir / "eval/nuswide/report.json").read_bytes() == report
+
+
 def test_missing_image_cache_says_to_run_embed_images(tmp_path, tiny_clip):
     with pytest.raises(OvmlError, match="run `ovml embed-images --dataset voc2007"):
         run_eval(tmp_path / "run", tiny_clip, dataset="voc2007")

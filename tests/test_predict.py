@@ -89,6 +89,14 @@ def test_labels_file_gives_the_vocabulary(photos, run_dir, tiny_clip, tmp_path):
     assert sorted(i["label"] for i in json.loads(result.stdout)[0]["labels"]) == ["river", "tree"]
 
 
+def test_labels_file_reads_like_generate_texts_label_files(photos, run_dir, tiny_clip, tmp_path):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("# scene labels\ntree: trees, forest\nriver: stream\n")
+    result = ovml_predict(photos[0], "--labels-file", labels_file, "--json", "--run-dir", run_dir, "--clip", tiny_clip)
+    assert result.exit_code == 0, result.output
+    assert sorted(i["label"] for i in json.loads(result.stdout)[0]["labels"]) == ["river", "tree"]
+
+
 def _one_line_error(result, *fragments):
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output

@@ -17,6 +17,25 @@ def test_bad_config_exits_2_before_any_stage_runs(tmp_path):
     result = run(config)
     assert result.returncode == 2 and "'noise' in [train_adapter]" in result.stderr
     assert not (tmp_path / "run").exists()
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["exit_code"] == 2 and "'noise' in [train_adapter]" in summary["error"]
+
+
+def test_a_locked_run_directory_exits_75_with_a_json_line(tmp_path):
+    config = tmp_path / "ovml.toml"
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\n')
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from ovml.pipeline.rundir import lock_run_dir\n"
+                               f"with lock_run_dir(Path({str(tmp_path / 'run')!r}), 'test'):\n"
+                               "    print('locked', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run(config)
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 75 and summary["exit_code"] == 75 and "locked" in summary["error"]
 
 
 def test_failing_stage_exits_1_with_a_json_summary_and_a_log(tmp_path):

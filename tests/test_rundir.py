@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -133,3 +134,13 @@ def test_atomic_parquet_and_json_round_trip(tmp_path):
     atomic.write_json(tmp_path / "m.json", {"k": [1]})
     assert pa.parquet.read_table(tmp_path / "t.parquet").column("a").to_pylist() == [1, 2]
     assert json.loads((tmp_path / "m.json").read_text()) == {"k": [1]}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomically_written_artifacts_respect_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic.write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
