@@ -245,6 +245,8 @@ def _normalise(features: torch.Tensor) -> np.ndarray:
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OvmlError(f"--device {device} needs a CUDA GPU and none is available here; use --device cpu or auto")
     return device
 
 

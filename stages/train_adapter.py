@@ -84,6 +84,14 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
 
 
 def _check(cfg: TrainAdapterConfig) -> None:
+    """Every setting is checked before the stage touches anything, so a typo never costs the old adapter."""
+    for name in ("noise", "alpha", "scale", "lr", "weight_decay", "warmup_epochs"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise OvmlError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.scale <= 0 or cfg.warmup_epochs < 0:
+        raise OvmlError(f"need --lr > 0, --weight-decay >= 0, --scale > 0 and --warmup-epochs >= 0; got {cfg.lr}, "
+                        f"{cfg.weight_decay}, {cfg.scale} and {cfg.warmup_epochs}")
+    pick_device(cfg.device)
     if cfg.noise < 0:
         raise OvmlError(f"--noise must be >= 0 (0 turns the perturbation off), got {cfg.noise}")
     if not 0 <= cfg.val_fraction < 1:

@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from ovml.cli import app
 from ovml.pipeline.adapter import load_adapter
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.metrics import average_precision, mean_average_precision
@@ -194,3 +196,18 @@ def test_noise_makes_a_text_trained_adapter_transfer_across_a_simulated_modality
         margins.append(image_map[0.3] - image_map[0.0])
     assert min(margins) > 0.02, margins
     assert np.mean(margins) > 0.03, margins
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr", "nan"), ("--noise", "inf"), ("--noise", "nan"),
+                                         ("--device", "cuda")])
+def test_a_bad_setting_is_a_one_line_error_that_keeps_the_trained_adapter(tmp_path, flag, value):
+    if flag == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = small_run(tmp_path)
+    train_adapter(config(run))
+    before = {p.name: p.read_bytes() for p in (run / "adapter").iterdir()}
+    result = CliRunner().invoke(app, ["train-adapter", "--run-dir", str(run), "--clip", CLIP, "--hidden", "32",
+                                      "--epochs", "3", "--batch-size", "64", flag, value])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
+    assert {p.name: p.read_bytes() for p in (run / "adapter").iterdir()} == before
