@@ -327,11 +327,15 @@ def _read_folder(csv_file: Path) -> Dataset:
     name = "folder"
     if not csv_file.is_file():
         raise OvmlError(f"{csv_file} is not a file; --root for folder must be {DATASETS[name].layout}")
-    with open(csv_file, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"path", "labels"} <= set(reader.fieldnames or []):
-            raise OvmlError(f"{csv_file} must start with the header `path,labels`; it is {DATASETS[name].layout}")
-        rows = [(row["path"].strip(), row["labels"] or "") for row in reader if (row["path"] or "").strip()]
+    try:  # utf-8-sig: spreadsheet programs start their UTF-8 CSVs with a byte-order mark
+        with open(csv_file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not {"path", "labels"} <= set(reader.fieldnames or []):
+                raise OvmlError(f"{csv_file} must start with the header `path,labels`; it is "
+                                f"{DATASETS[name].layout}")
+            rows = [(row["path"].strip(), row["labels"] or "") for row in reader if (row["path"] or "").strip()]
+    except UnicodeDecodeError:
+        raise OvmlError(f"{csv_file} is not UTF-8 text; save it as UTF-8 (CSV UTF-8 in spreadsheet programs)") from None
     if not rows:
         raise OvmlError(f"{csv_file} lists no images; it must be {DATASETS[name].layout}")
     per_image = [tuple(dict.fromkeys(p.strip() for p in labels.split("|") if p.strip())) for _, labels in rows]

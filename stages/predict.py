@@ -92,5 +92,8 @@ def _open(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise OvmlError(f"image {path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, past Pillow's "
+                        "decompression-bomb limit; downscale it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise OvmlError(f"cannot read image {path} ({type(e).__name__}); pass a readable image file") from None

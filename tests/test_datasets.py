@@ -204,6 +204,20 @@ def test_folder_csv_without_the_header_is_a_one_line_error(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_folder_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    csv_file = folder_release(tmp_path)
+    plain = read_dataset("folder", csv_file)
+    csv_file.write_bytes(b"\xef\xbb\xbf" + csv_file.read_bytes())
+    assert read_dataset("folder", csv_file).records == plain.records
+
+
+def test_folder_csv_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    (tmp_path / "labels.csv").write_bytes("path,labels\ncaf\u00e9.jpg,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(OvmlError, match="is not UTF-8 text") as error:
+        read_dataset("folder", tmp_path / "labels.csv")
+    assert "\n" not in str(error.value)
+
+
 def test_a_root_is_required_except_for_an_installed_fashion_mnist(tmp_path):
     with pytest.raises(OvmlError, match="--root is required for voc2007"):
         read_dataset("voc2007", "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -102,6 +104,20 @@ def _one_line_error(result, *fragments):
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in result.stderr
+
+
+def png_header_only(path, width: int, height: int) -> None:
+    """A PNG that declares its size and holds no pixels: enough for Pillow's size check, a few bytes on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_a_one_line_error(run_dir, tiny_clip, tmp_path):
+    png_header_only(tmp_path / "huge.png", 20000, 20000)
+    result = ovml_predict(tmp_path / "huge.png", "--labels", LABELS, "--run-dir", run_dir, "--clip", tiny_clip)
+    _one_line_error(result, "huge.png", "decompression-bomb limit")
 
 
 def test_missing_image_is_named(run_dir, tiny_clip, tmp_path):
