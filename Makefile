@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ovml-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench accuracy clean
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ demo: install
 	@test -d $(FASHION_MNIST) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } || true
 	@if [ -d $(FASHION_MNIST) ]; then \
-	  $(VENV)/bin/ovml run --config examples/demo.toml; \
+	  $(VENV)/bin/ovml train-testbed && $(VENV)/bin/ovml run --config examples/demo.toml; \
 	else \
 	  echo "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist): using drawn silhouettes"; \
 	  $(PY) examples/make_generated_set.py runs/demo-images && $(VENV)/bin/ovml run --config examples/demo-generated.toml; \
@@ -33,7 +33,11 @@ test: install
 	$(VENV)/bin/pytest
 
 bench: install
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/bench_accuracy.py,$(wildcard benchmarks/bench_*.py)); do $(PY) $$b || exit 1; done
+
+# The testbed accuracy tables of docs/accuracy.md (~30 min on 2 cores; needs Fashion-MNIST).
+accuracy: install
+	$(PY) benchmarks/bench_accuracy.py
 
 clean:
 	rm -rf runs/demo runs/demo-images .pytest_cache

@@ -253,6 +253,31 @@ def predict(
     print_predictions(_call_stage("predict", predict, PredictConfig, options), json_out, out)
 
 
+@app.command("train-testbed")
+def train_testbed(
+    config: ConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Checkpoint to write (reused when it already holds the same "
+                                             "recipe). \\[default: runs/testbed/ovml-testbed.safetensors]")] = None,
+    root: Annotated[str | None, typer.Option(help="Folder with the Fashion-MNIST train-* IDX files. "
+                                             "\\[default: /usr/share/datasets/fashion-mnist]")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps. \\[default: 600]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Image-caption pairs per step. \\[default: 64]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate. \\[default: 0.001]")] = None,
+    mosaic: Annotated[int | None, typer.Option(help="K for the K x K training mosaics. \\[default: 2]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same checkpoint. "
+                                             "\\[default: 0]")] = None,
+) -> None:
+    """Train the testbed CLIP: a small open_clip model, trained here on Fashion-MNIST train mosaics.
+
+    No real CLIP weights exist offline; this model is how ovml measures accuracy there. Use it as
+    --clip ovml-testbed:PATH. Its numbers are the testbed's, never comparable with published CLIP results.
+    """
+    options = dict(locals())
+    from ovml.pipeline.testbed import TestbedConfig, train_testbed
+
+    _call_stage("train_testbed", train_testbed, TestbedConfig, options)
+
+
 @app.command("run")
 def run(
     config: ConfigOpt = None,

@@ -9,6 +9,7 @@ same cost as the real model, meaningless as accuracy; for tests, benchmarks and 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import socket
 import urllib.parse
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -54,46 +56,61 @@ class ClipSpec:
         return f"{self.arch}:{self.pretrained}"
 
 
-def checkpoint_is_random(path: str | Path) -> bool:
-    """Checkpoints written by `save_random_checkpoint` say so in their safetensors metadata."""
-    if not str(path).endswith(".safetensors"):
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("ovml_random_weights") == "true"
+OVML_METADATA = "ovml"  # one safetensors metadata key holding sorted JSON: the file's bytes stay deterministic
 
 
-def save_random_checkpoint(arch: str, path: str | Path, seed: int = RANDOM_SEED) -> Path:
-    """Write a seeded random open_clip checkpoint (safetensors, flagged as random in its metadata)."""
+def save_checkpoint(model: torch.nn.Module, path: str | Path, info: dict[str, Any]) -> Path:
+    """An open_clip state dict as safetensors, with what ovml knows of it (random? testbed?) in its metadata.
+
+    safetensors writes its metadata map in no fixed order, so everything goes under one key as sorted JSON.
+    """
     from safetensors.torch import save_file
 
     from ovml.pipeline import atomic
 
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    with atomic.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={OVML_METADATA: json.dumps(info, sort_keys=True)})
+    return path
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """What ovml wrote into a checkpoint's metadata ({} for other checkpoints)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(OVML_METADATA, "{}"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise OvmlError(f"cannot read CLIP checkpoint {path}: {str(e).strip()[:160] or type(e).__name__}") from None
+
+
+def save_random_checkpoint(arch: str, path: str | Path, seed: int = RANDOM_SEED) -> Path:
+    """Write a seeded random open_clip checkpoint (safetensors, flagged as random in its metadata)."""
     torch.manual_seed(seed)
     logging.disable(logging.WARNING)
     try:
         model = open_clip.create_model(arch, pretrained=None)
     finally:
         logging.disable(logging.NOTSET)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    with atomic.atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"ovml_random_weights": "true", "arch": arch, "seed": str(seed)})
-    return path
+    return save_checkpoint(model, path, {"random_weights": True, "arch": arch, "seed": seed})
 
 
 class ClipEncoder:
     """Batched CLIP text and image encoders returning L2-normalised float32 numpy arrays."""
 
     def __init__(self, spec: ClipSpec, model: torch.nn.Module, preprocess, tokenizer, device: str,
-                 random_weights: bool):
+                 random_weights: bool, description: str | None = None):
         self.spec = spec
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
         self.random_weights = random_weights
+        self.description = description  # what the model is, for reports (the testbed model says so)
         self.dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
         if self.dim is None:
             with torch.inference_mode():
@@ -259,7 +276,7 @@ def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
             f"unknown CLIP architecture '{parsed.arch}' in '{spec}'; see `python -c \"import open_clip; "
             "print(open_clip.list_models())\"` for the names open_clip knows"
         )
-    random_weights = parsed.pretrained == RANDOM
+    random_weights, description = parsed.pretrained == RANDOM, None
     if random_weights:
         torch.manual_seed(RANDOM_SEED)
         pretrained = None
@@ -267,7 +284,9 @@ def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
         if not Path(parsed.pretrained).is_file():
             raise OvmlError(f"CLIP checkpoint {parsed.pretrained} does not exist; check the path in '{spec}'")
         pretrained = parsed.pretrained
-        random_weights = checkpoint_is_random(pretrained)
+        metadata = checkpoint_metadata(pretrained)
+        random_weights = metadata.get("random_weights") is True
+        description = metadata.get("description")
     else:
         if not open_clip.get_pretrained_cfg(parsed.arch, parsed.pretrained):
             tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == parsed.arch) or "none"
@@ -288,7 +307,8 @@ def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
             f"CLIP weights for '{spec}' are not available ({type(e).__name__}); on a machine without the "
             f"model hub pass a local checkpoint instead: --clip {parsed.arch}:/path/to/open_clip_model.safetensors"
         ) from None
-    return ClipEncoder(parsed, model, preprocess, open_clip.get_tokenizer(parsed.arch), device, random_weights)
+    return ClipEncoder(parsed, model, preprocess, open_clip.get_tokenizer(parsed.arch), device, random_weights,
+                       description)
 
 
 def _create(arch: str, pretrained: str | None, device: str):

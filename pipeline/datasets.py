@@ -24,8 +24,10 @@ from PIL import Image
 from ovml.pipeline.errors import OvmlError
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# The ten classes in the order of the IDX label ids, named as a label file names them (examples/fashion_labels.txt),
+# so that an adapter trained on those labels and the dataset agree on which labels are unseen.
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 MOSAIC_SEED = 0
 # The file names of VOC are not words CLIP knows; the labels are what the text tower reads.
 VOC_CLASSES = {"aeroplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
@@ -268,12 +270,7 @@ def _read_fashion_mnist(root: Path, mosaic: int) -> Dataset:
     name = "fashion-mnist"
     if mosaic < 1:
         raise OvmlError(f"--mosaic must be at least 1 (K for K x K grids), got {mosaic}")
-    images_file = _idx_file(root, "t10k-images-idx3-ubyte")
-    labels_file = _idx_file(root, "t10k-labels-idx1-ubyte")
-    images = _idx_array(str(images_file))
-    classes = _idx_array(str(labels_file))
-    if images.ndim != 3 or classes.ndim != 1 or len(images) != len(classes) or classes.max() >= 10:
-        raise OvmlError(f"{images_file} and {labels_file} are not matching Fashion-MNIST image and label files")
+    images, classes, images_file, labels_file = read_fashion_mnist_split(root, "t10k")
     per_grid = mosaic * mosaic
     count = len(images) // per_grid
     if count == 0:
@@ -288,6 +285,17 @@ def _read_fashion_mnist(root: Path, mosaic: int) -> Dataset:
                               render=functools.partial(_render_mosaic, str(images_file), tuple(members.tolist()))))
     labels = list(FASHION_MNIST_CLASSES)
     return Dataset(name, root, labels, {"all": labels}, records, [images_file, labels_file])
+
+
+def read_fashion_mnist_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, Path, Path]:
+    """(images [n, 28, 28] uint8, class ids [n], images file, labels file) of the `train` or `t10k` split."""
+    images_file = _idx_file(root, f"{split}-images-idx3-ubyte")
+    labels_file = _idx_file(root, f"{split}-labels-idx1-ubyte")
+    images = _idx_array(str(images_file))
+    classes = _idx_array(str(labels_file))
+    if images.ndim != 3 or classes.ndim != 1 or len(images) != len(classes) or classes.max() >= 10:
+        raise OvmlError(f"{images_file} and {labels_file} are not matching Fashion-MNIST image and label files")
+    return images, classes, images_file, labels_file
 
 
 def _idx_file(root: Path, stem: str) -> Path:
@@ -361,6 +369,14 @@ ALL_LABELS = (Protocol("all", "all", (3,), False),)
 def zero_shot_protocols(ks: tuple[int, ...]) -> tuple[Protocol, ...]:
     """The published pair: ZSL ranks the unseen labels, GZSL all of them; images without a positive skipped."""
     return Protocol("ZSL", "unseen", ks, True), Protocol("GZSL", "all", ks, True)
+
+
+def open_vocabulary_protocol(all_ks: tuple[int, ...], unseen: int) -> Protocol:
+    """`unseen` for a dataset without a published split: the labels absent from the adapter's training
+    vocabulary, ranked among themselves, images without one of them skipped (the zero-shot setting).
+    F1@K needs K below the label count to tell methods apart (K >= count predicts every label), so the
+    dataset's Ks that fit are kept, or K=1."""
+    return Protocol("unseen", "unseen", tuple(k for k in all_ks if k < unseen) or (1,), True)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ def eval_markdown(report: dict[str, Any]) -> str:
 def eval_tables(report: dict[str, Any]) -> str:
     """The headline of a report: the random-weights warning, then a method x metric table per protocol."""
     lines = [f"> **{RANDOM_WEIGHTS_NOTE}**", ""] if report["random_weights"] else []
+    if report.get("model"):
+        lines += [f"> **Model: {report['model']}.**", ""]
     lines.append(f"# ovml eval: {report['dataset']}")
     for name, protocol in report["protocols"].items():
         columns = list(protocol["metrics"][METHODS[0]])

@@ -25,7 +25,7 @@ from ovml.pipeline.adapter import AdapterConfig, load_adapter
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
-from ovml.pipeline.datasets import DATASETS, Protocol
+from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_image_cache
 from ovml.pipeline.label_embeddings import label_embeddings
@@ -81,10 +81,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[str, Any]:
     vectors, items, info = read_image_cache(cache)
-    protocols = _protocols(cfg.dataset, info)
-    score_labels = _score_labels(protocols)
     encoder = load_clip(cfg.clip, cfg.device)
     adapter, adapter_config = load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+    protocols = _protocols(cfg.dataset, info, adapter_config.vocabulary)
+    score_labels = _score_labels(protocols)
     # Zero-shot CLIP is defined with the prompt pool; the adapter scores against label embeddings made the
     # way its training labels were (its label_templates), so train and test labels are embedded alike.
     zero_shot_emb = label_embeddings(encoder, score_labels, "pool", cache_dir=run_dir / LABEL_CACHE)
@@ -97,6 +97,7 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
 
     report: dict[str, Any] = {
         "dataset": cfg.dataset, "clip": cfg.clip, "random_weights": bool(encoder.random_weights),
+        "model": encoder.description,
         "images": len(items), "failures": int(info.get("failures", 0)),
         "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
@@ -138,12 +139,19 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
     return _summary(report, out)
 
 
-def _protocols(dataset: str, info: dict[str, Any]) -> list[tuple[Protocol, list[str]]]:
-    """The dataset's protocols whose label split the cache has (Open Images may lack the full class list)."""
+def _protocols(dataset: str, info: dict[str, Any], vocabulary: list[str]) -> list[tuple[Protocol, list[str]]]:
+    """The dataset's protocols whose label split the cache has (Open Images may lack the full class list),
+    plus `unseen` where the dataset has no published split and the adapter was not trained on every label."""
     splits = {"all": info["labels"], **info.get("splits", {})}
     found = [(p, list(splits[p.split])) for p in DATASETS[dataset].protocols if splits.get(p.split)]
     if not found:
         raise OvmlError(f"{dataset}'s image cache lists no labels; re-run `ovml embed-images --force`")
+    if not any(p.split == "unseen" for p, _ in found):
+        known = {label.casefold() for label in vocabulary}
+        unseen = [label for label in splits["all"] if label.casefold() not in known]
+        if unseen and len(unseen) < len(splits["all"]):
+            all_ks = next(p.ks for p, _ in found if p.split == "all")
+            found.append((open_vocabulary_protocol(all_ks, len(unseen)), unseen))
     return found
 
 
@@ -186,6 +194,8 @@ def _summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
                                "failures": report["failures"], "report": str(out / "report.md")}
     if report["random_weights"]:
         summary["note"] = "CLIP weights were random: cost only, never accuracy"
+    if report["model"]:
+        summary["model"] = report["model"]
     for name, protocol in report["protocols"].items():
         for metric in ["mAP"] + [f"F1@{k}" for k in protocol["ks"]]:
             summary[f"{name} {metric}"] = {m: protocol["metrics"][m][metric] for m in METHODS}

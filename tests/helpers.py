@@ -136,15 +136,15 @@ def voc2007_release(root: Path) -> Path:
     return root
 
 
-def fashion_mnist_release(root: Path, classes: list[int]) -> Path:
-    """IDX files whose every pixel of image i is 10 * class + 5, so a tile tells its own class."""
+def fashion_mnist_release(root: Path, classes: list[int], split: str = "t10k") -> Path:
+    """IDX files of one split whose every pixel of image i is 10 * class + 5, so a tile tells its own class."""
     root.mkdir(parents=True, exist_ok=True)
     labels = np.array(classes, dtype=np.uint8)
     images = np.repeat((labels * 10 + 5)[:, None, None], 28 * 28, axis=1).reshape(len(labels), 28, 28)
-    (root / "t10k-images-idx3-ubyte.gz").write_bytes(
+    (root / f"{split}-images-idx3-ubyte.gz").write_bytes(
         gzip.compress(struct.pack(">4I", 0x803, len(labels), 28, 28) + images.tobytes()))
-    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">2I", 0x801, len(labels))
-                                                                   + labels.tobytes()))
+    (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">2I", 0x801, len(labels))
+                                                                       + labels.tobytes()))
     return root
 
 

