@@ -89,6 +89,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """`target` as a second name of a finished artifact (artifacts are replaced, never edited in place, so
+    the two names cannot drift apart); a copy where hard links are refused. Nothing when target exists."""
+    source, target = Path(source), Path(target)
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        write_bytes(target, source.read_bytes())
+
+
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 

@@ -11,6 +11,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, TEXT_EMB, TRAIN_LABELS, VOCABULARY, caption_parts
 from ovml.pipeline.clip import autocast_dtype, load_clip, pick_device
 from ovml.pipeline.config import as_params, not_fingerprinted
@@ -50,16 +51,37 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
     params = as_params(cfg)
     params["label_templates_sha256"] = templates_digest(cfg.templates)
+    earlier = {} if cfg.force else _earlier_parts(run_dir, params, parts)
     return run_stage(
         run_dir, "embed_text", params=params, inputs=[*parts, run_dir / VOCABULARY],
-        outputs=[TEXT_EMB, TRAIN_LABELS], body=functools.partial(_embed_all, cfg, parts, labels),
+        outputs=[TEXT_EMB, TRAIN_LABELS], body=functools.partial(_embed_all, cfg, parts, labels, earlier),
         force=cfg.force, models={"clip": cfg.clip},
     )
 
 
-def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], out: Path, resume: bool) -> dict:
-    """Parts already in out/text_emb/ were finished by an interrupted attempt with the same fingerprint: kept."""
+def _earlier_parts(run_dir: RunDir, params: dict, parts: list[Path]) -> dict[str, Path]:
+    """text_emb parts the last finished run made with these settings from caption parts still byte-identical,
+    so a topped-up caption pool costs only its new parts."""
+    record = run_dir.stage_record("embed_text") or {}
+    if record.get("status") != "finished" or record.get("params") != params:
+        return {}
+    earlier = {}
+    for part in parts:
+        made = run_dir / TEXT_EMB / part.name
+        if made.is_file() and record["inputs"].get(f"{CAPTIONS}/{part.name}") == atomic.sha256_file(part) \
+                and record["outputs"].get(f"{TEXT_EMB}/{part.name}") == atomic.sha256_file(made):
+            earlier[part.name] = made
+    return earlier
+
+
+def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earlier: dict[str, Path], out: Path,
+               resume: bool) -> dict:
+    """Parts already in out/text_emb/ were finished by an interrupted attempt with the same fingerprint, and
+    `earlier` ones by the last finished run: both kept."""
     encoder = load_clip(cfg.clip, cfg.device)
+    resumed = sum((out / TEXT_EMB / p.name).exists() for p in parts)
+    for name, made in earlier.items():
+        atomic.link_or_copy(made, out / TEXT_EMB / name)
     todo = [p for p in parts if not (out / TEXT_EMB / p.name).exists()]
     embedded, seconds = 0, 0.0
     with progress_bar("texts") as bar:
@@ -82,7 +104,8 @@ def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], out: 
         "texts": sum(f.metadata.num_rows for f in written),
         "truncated": sum(int(f.schema_arrow.metadata[TRUNCATED_KEY.encode()]) for f in written),
         "texts_per_s": round(embedded / seconds, 1) if seconds else None,
-        "resumed_parts": len(parts) - len(todo),
+        "resumed_parts": resumed,
+        "reused_parts": len(parts) - len(todo) - resumed,
         "dim": encoder.dim,
         "store_dtype": cfg.store_dtype,
         "labels": len(labels),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import statistics
 import string
@@ -370,31 +369,20 @@ def _part_recipe(path: Path) -> str | None:
     return stamp.decode() if stamp else None
 
 
-def _link(source: Path, target: Path) -> None:
-    """target as a second name of source (parts are only ever replaced, never edited); a copy across devices."""
-    if target.exists():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        atomic.write_bytes(target, source.read_bytes())
-
-
 def _carry_over(committed: Path, staged: Path, recipe: str) -> tuple[list[Path], dict[str, list[Path]]]:
     """Put the committed pool into the staged one: (parts kept, {recipe: parts set aside to the archive})."""
     kept, set_aside = [], {}
     for part in caption_parts(committed.parent):
         part_recipe = _part_recipe(part)
         if part_recipe in (None, recipe):
-            _link(part, staged / part.name)
+            atomic.link_or_copy(part, staged / part.name)
             kept.append(staged / part.name)
         else:
-            _link(part, staged / ARCHIVE / part_recipe / part.name)
+            atomic.link_or_copy(part, staged / ARCHIVE / part_recipe / part.name)
             set_aside.setdefault(part_recipe, []).append(part)
     archive = committed / ARCHIVE
     for old in sorted(archive.rglob("*.parquet")) if archive.is_dir() else []:
-        _link(old, staged / ARCHIVE / old.relative_to(archive))
+        atomic.link_or_copy(old, staged / ARCHIVE / old.relative_to(archive))
     return kept, set_aside
 
 

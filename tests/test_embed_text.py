@@ -204,3 +204,14 @@ def test_cli_reports_missing_captions_in_one_line_with_exit_code_2(tiny_clip, tm
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error:") and "generate-text" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_topped_up_caption_pool_embeds_only_its_new_parts(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "text_emb").iterdir()}
+    write_captions(tmp_path, {"part-00007.parquet": ["a kite over the beach"]})
+    outcome = embed_text(config(tmp_path, tiny_clip))
+    assert outcome.summary["reused_parts"] == len(before) and outcome.summary["texts_per_s"] is not None
+    after = {p.name: p.read_bytes() for p in (tmp_path / "text_emb").iterdir()}
+    assert {name: after[name] for name in before} == before and "part-00007.parquet" in after
