@@ -48,6 +48,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets what open() would give it
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file; the user needs to know which
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import tempfile
@@ -38,5 +39,6 @@ def write_traceback(run_dir: Path | None) -> Path:
             path.write_text(text, encoding="utf-8")
             return path
         except OSError:
-            continue
+            with contextlib.suppress(OSError):  # the empty file a full disk may leave (none on read-only)
+                path.unlink(missing_ok=True)
     return Path("(nowhere: no writable folder)")

@@ -302,8 +302,13 @@ def lock_run_dir(path: Path, holder: str) -> Iterator[None]:
         who = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise RunDirLocked(f"run directory {path} is locked by {who}; wait for it to finish") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({holder}, since {_now()})".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({holder}, since {_now()})".encode(), 0)
+    except OSError as e:  # a full disk: name the file, release the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, str(path / LOCK)) from None
     _held[key] = (fd, 1)
     try:
         yield

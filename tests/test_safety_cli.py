@@ -244,3 +244,15 @@ def test_an_interrupted_embed_images_resumes_from_its_staged_chunks(finished_run
     assert outcome.reason.startswith("resuming an interrupted run") and outcome.summary["reused"] == 2
     assert np.array_equal(*(np.fromfile(p / "images/folder/index.faiss", dtype=np.uint8)
                             for p in (run, finished_run[0])))
+
+
+def test_predict_answers_on_a_full_disk_without_caching_its_label_embeddings(finished_run, tmp_path, tiny_clip,
+                                                                             monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    shutil.rmtree(run / "cache")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    fail_writes(errno.ENOSPC, monkeypatch)
+    result = predict(PredictConfig(run_dir=run, clip=tiny_clip, device="cpu", images=[str(tmp_path / "photo.png")],
+                                   labels="cat,dog"))
+    assert [row["label"] for row in result[0]["labels"]] and not list((run / "cache").rglob("*.parquet"))
