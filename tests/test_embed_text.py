@@ -215,3 +215,13 @@ def test_a_topped_up_caption_pool_embeds_only_its_new_parts(tiny_clip, tmp_path)
     assert outcome.summary["reused_parts"] == len(before) and outcome.summary["texts_per_s"] is not None
     after = {p.name: p.read_bytes() for p in (tmp_path / "text_emb").iterdir()}
     assert {name: after[name] for name in before} == before and "part-00007.parquet" in after
+
+
+def test_captions_set_aside_in_the_archive_are_neither_read_nor_fingerprinted(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    first = embed_text(config(tmp_path, tiny_clip))
+    archived = tmp_path / "captions" / "archive" / "0123456789abcdef" / "part-00000.parquet"
+    archived.parent.mkdir(parents=True)
+    archived.write_bytes(b"not even parquet")
+    assert embed_text(config(tmp_path, tiny_clip)).status == "skipped"
+    assert embed_text(config(tmp_path, tiny_clip, force=True)).summary["texts"] == first.summary["texts"]
