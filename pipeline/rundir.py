@@ -206,9 +206,11 @@ class Staging:
         target, staged = self.root / rel, self.out / rel
         if target.exists() and target.stat().st_ino == inode:
             return  # swapped before a kill
-        if inode is None or not staged.exists():  # the new attempt made no such output: the old one goes
+        if inode is None:  # the new attempt made no such output: the old one goes
             if target.exists():
                 self._set_aside(target, rel)
+            return
+        if not staged.exists():  # neither swapped in nor staged (removed by hand): keep what is there
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not atomic.exchange(staged, target):
