@@ -182,6 +182,9 @@ def train_adapter(
     patience: Annotated[int | None, typer.Option(help="Epochs without val mAP gain before stopping. "
                                                  "\\[default: 3]")] = None,
     seed: Annotated[int | None, typer.Option(help="\\[default: 0]")] = None,
+    store_dtype: Annotated[str | None, typer.Option(help="float32 or float16: how the caption embeddings are held "
+                                                    "in memory (float16 halves it; batches compute in float32). "
+                                                    "\\[default: float32]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""
@@ -222,6 +225,9 @@ def evaluate(
     clip: ClipOpt = None,
     device: DeviceOpt = None,
     dataset: Annotated[str | None, typer.Option(help="A dataset already cached by embed-images.")] = None,
+    save_scores: Annotated[str | None, typer.Option(help="scores.parquet keeps each image's 50 best labels with "
+                                                    "their scores per method (top) or every score (all). "
+                                                    "\\[default: top]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""

@@ -81,16 +81,29 @@ def f1_at_k(scores: np.ndarray, positives: np.ndarray, k: int, ignored: np.ndarr
     P = hits / (k * images), R = hits / positives, F1 = 2PR / (P + R): the protocol of the NUS-WIDE and
     Open Images zero-shot papers (Zhang et al. 2016, Huynh & Elhamifar 2020, MKT).
     """
+    return f1_from_counts(f1_counts(scores, positives, k, ignored), k)
+
+
+def f1_counts(scores: np.ndarray, positives: np.ndarray, k: int, ignored: np.ndarray | None = None) -> np.ndarray:
+    """[hits, predictions, relevant] of a block of images: pooled F1@K is a sum, so blocks of images add up."""
     scores, positives, valid = _checked(scores, positives, ignored)
     relevant = positives & valid
     hits = int((top_k_mask(scores, k, ~valid) & relevant).sum())
     n_images, n_labels = scores.shape
-    n_predicted = min(k, n_labels) * n_images
+    return np.array([hits, min(k, n_labels) * n_images, int(relevant.sum())], dtype=np.int64)
+
+
+def f1_from_counts(counts: np.ndarray, k: int) -> dict[str, float]:
+    hits, n_predicted, n_relevant = (int(c) for c in counts)
     precision = hits / n_predicted if n_predicted else 0.0
-    n_relevant = int(relevant.sum())
     recall = hits / n_relevant if n_relevant else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return {f"F1@{k}": f1, f"P@{k}": precision, f"R@{k}": recall}
+
+
+def column_blocks(n_labels: int, width: int = 256) -> list[np.ndarray]:
+    """Column numbers in blocks of `width`: AP is per column, so AP block by block is AP of the whole matrix."""
+    return [np.arange(start, min(start + width, n_labels)) for start in range(0, n_labels, width)]
 
 
 def evaluate_scores(scores: np.ndarray, positives: np.ndarray, ignored: np.ndarray | None,
@@ -110,12 +123,32 @@ def micro_pr_curve(scores: np.ndarray, positives: np.ndarray, ignored: np.ndarra
     values = scores[valid]
     if values.size == 0:
         return np.zeros(0), np.zeros(0)
-    edges = np.linspace(values.min(), values.max(), bins + 1)
-    counted = np.cumsum(np.histogram(values, edges)[0][::-1])
-    true_pos = np.cumsum(np.histogram(scores[positives & valid], edges)[0][::-1])
-    keep = counted > 0
-    n_pos = max(int(true_pos[-1]), 1)
-    return true_pos[keep] / counted[keep], true_pos[keep] / n_pos
+    curve = MicroPR(float(values.min()), float(values.max()), bins)
+    curve.add(scores, positives, ignored)
+    return curve.curve()
+
+
+class MicroPR:
+    """micro_pr_curve accumulated block by block: fixed edges from the global score range, summed histograms."""
+
+    def __init__(self, low: float, high: float, bins: int = 1024):
+        self.edges = np.linspace(low, high, bins + 1) if low <= high else None
+        self.counted = np.zeros(bins, dtype=np.int64)
+        self.true_pos = np.zeros(bins, dtype=np.int64)
+
+    def add(self, scores: np.ndarray, positives: np.ndarray, ignored: np.ndarray | None = None) -> None:
+        scores, positives, valid = _checked(scores, positives, ignored)
+        if self.edges is not None:
+            self.counted += np.histogram(scores[valid], self.edges)[0]
+            self.true_pos += np.histogram(scores[positives & valid], self.edges)[0]
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        counted, true_pos = np.cumsum(self.counted[::-1]), np.cumsum(self.true_pos[::-1])
+        if self.edges is None or counted[-1] == 0:
+            return np.zeros(0), np.zeros(0)
+        keep = counted > 0
+        n_pos = max(int(true_pos[-1]), 1)
+        return true_pos[keep] / counted[keep], true_pos[keep] / n_pos
 
 
 def _checked(scores, positives, ignored) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

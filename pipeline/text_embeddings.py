@@ -1,7 +1,7 @@
 """Embedding columns on disk: fixed_size_list<float32|float16>[d], read back as one float32 matrix.
 
 text_emb/part-NNNNN.parquet holds (caption_id, embedding), one part per captions part. float16 storage
-halves the disk; readers always get float32, because training and FAISS want it.
+halves the disk; readers get float32 (what training and FAISS compute in) unless they ask to hold float16.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def text_embedding_parts(text_emb_dir: Path) -> list[Path]:
     return sorted(Path(text_emb_dir).glob("part-*.parquet"))
 
 
-def read_text_embeddings(text_emb_dir: str | Path) -> tuple[list[str], np.ndarray]:
-    """All parts, in part order: caption ids and one contiguous float32 [n, d] matrix, filled in place."""
+def read_text_embeddings(text_emb_dir: str | Path, dtype: str = "float32") -> tuple[list[str], np.ndarray]:
+    """All parts, in part order: caption ids and one contiguous [n, d] matrix of `dtype`, filled part by part
+    (memory: the matrix plus one part; float16 halves the matrix)."""
     parts = text_embedding_parts(Path(text_emb_dir))
     if not parts:
         raise OvmlError(f"no text embeddings (part-*.parquet) in {text_emb_dir}; run `ovml embed-text` first")
@@ -55,7 +56,7 @@ def read_text_embeddings(text_emb_dir: str | Path) -> tuple[list[str], np.ndarra
     if len(dims) != 1:
         raise OvmlError(f"text embedding parts in {text_emb_dir} mix widths {dims}; "
                         "re-run `ovml embed-text --force`")
-    matrix = np.empty((sum(f.metadata.num_rows for f in files), dims[0]), dtype=np.float32)
+    matrix = np.empty((sum(f.metadata.num_rows for f in files), dims[0]), dtype=dtype)
     caption_ids: list[str] = []
     row = 0
     for f in files:
