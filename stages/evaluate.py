@@ -14,8 +14,9 @@ over blocks of labels with every image's score; both equal the values of the who
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -123,11 +124,19 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         "images": len(items), "failures": int(info.get("failures", 0)),
         "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
-    per_label = []
+    selections = []
     for protocol, labels in protocols:
         cols = np.array([column[label] for label in labels])
         rows = _protocol_rows(truth, cols, len(items), protocol.images_with_a_positive_only)
-        results = {method: _method_on_protocol(scorers[method], truth, rows, cols, protocol.ks) for method in METHODS}
+        selections.append(Selection(protocol, labels, cols, rows))
+    with _scores_writer(out / "scores.parquet", items["image_id"].combine_chunks(), score_labels,
+                        cfg.save_scores) as write_scores:
+        by_method = {method: _score_method(method, scorers[method], truth, selections, write_scores)
+                     for method in METHODS}
+    per_label = []
+    for i, (protocol, labels) in enumerate(protocols):
+        rows = selections[i].rows
+        results = {method: by_method[method][i] for method in METHODS}
         ap = {method: result.ap for method, result in results.items()}
         plots = {"ap": f"ap_{protocol.name}.png", "pr": f"pr_{protocol.name}.png"}
         title = f"{cfg.dataset} {protocol.name}"
@@ -149,7 +158,6 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         }))
 
     atomic.write_parquet(out / "per_label.parquet", pa.concat_tables(per_label))
-    _write_scores(out / "scores.parquet", items["image_id"].combine_chunks(), scorers, score_labels, cfg.save_scores)
     atomic.write_json(out / "report.json", report)
     atomic.write_text(out / "report.md", eval_markdown(report))
     return _summary(report, out)
@@ -164,9 +172,23 @@ class Scorer:
     logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
     @torch.inference_mode()
-    def scores(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        return self.logits(self.features[torch.from_numpy(rows)],
-                           self.label_emb[torch.from_numpy(columns)]).float().numpy()
+    def scores(self, rows: np.ndarray | None, columns: np.ndarray) -> np.ndarray:
+        """[rows, columns] scores (rows None: every image)."""
+        features = self.features if rows is None else self.features[torch.from_numpy(rows)]
+        return self.logits(features, self.label_emb[torch.from_numpy(columns)]).float().numpy()
+
+    def of_images(self, rows: np.ndarray) -> Scorer:
+        return Scorer(self.features[torch.from_numpy(rows)], self.label_emb, self.logits)
+
+
+@dataclass
+class Selection:
+    """What one protocol scores: its labels (score columns) and its images (rows)."""
+
+    protocol: Protocol
+    labels: list[str]
+    cols: np.ndarray
+    rows: np.ndarray
 
 
 @dataclass
@@ -188,33 +210,50 @@ def _protocol_rows(truth: GroundTruth, cols: np.ndarray, n_images: int, with_a_p
     return np.concatenate(kept)
 
 
-def _method_on_protocol(scorer: Scorer, truth: GroundTruth, rows: np.ndarray, cols: np.ndarray,
-                        ks: tuple[int, ...]) -> MethodResult:
-    """F1@K over chunks of images (pooled counts add up), then AP and the PR curve over blocks of labels."""
-    counts = {k: np.zeros(3, dtype=np.int64) for k in ks}
-    low, high = np.inf, -np.inf
-    for start in range(0, len(rows), IMAGES_PER_CHUNK):
-        chunk = rows[start:start + IMAGES_PER_CHUNK]
-        scores = scorer.scores(chunk, cols)
-        pos, ign = truth.dense(chunk, cols)
-        for k in ks:
-            counts[k] += f1_counts(scores, pos, k, ign)
-        valid = scores[~ign]
-        if valid.size:
-            low, high = min(low, float(valid.min())), max(high, float(valid.max()))
-    curve = MicroPR(low, high)
-    ap, positives = [], []
-    for block in column_blocks(len(cols), LABELS_PER_BLOCK):
-        scores = scorer.scores(rows, cols[block])
-        pos, ign = truth.dense(rows, cols[block])
-        ap.append(average_precision(scores, pos, ign))
-        curve.add(scores, pos, ign)
-        positives.append((pos & ~ign).sum(axis=0))
-    ap_all = np.concatenate(ap)
-    metrics = {"mAP": mean_average_precision(ap_all)}
-    for k in ks:
-        metrics.update(f1_from_counts(counts[k], k))
-    return MethodResult(metrics, ap_all, np.concatenate(positives), curve.curve())
+def _score_method(method: str, scorer: Scorer, truth: GroundTruth, selections: list[Selection],
+                  write_scores: Callable[[str, np.ndarray, np.ndarray], None]) -> list[MethodResult]:
+    """One method on every protocol. One pass over chunks of images scores every label once: scores.parquet's
+    rows, and each protocol's F1@K (pooled counts add up) and score range. Then, per protocol, AP and the PR
+    curve over blocks of labels, each block scored for all the protocol's images."""
+    n_images = len(scorer.features)
+    all_cols = np.arange(len(scorer.label_emb))
+    members = []
+    for selection in selections:
+        member = np.zeros(n_images, dtype=bool)
+        member[selection.rows] = True
+        members.append(member)
+    counts = [{k: np.zeros(3, dtype=np.int64) for k in sel.protocol.ks} for sel in selections]
+    ranges = [[np.inf, -np.inf] for _ in selections]
+    for start in range(0, n_images, IMAGES_PER_CHUNK):
+        rows = np.arange(start, min(start + IMAGES_PER_CHUNK, n_images))
+        chunk_scores = scorer.scores(rows, all_cols)
+        write_scores(method, rows, chunk_scores)
+        for selection, member, count, score_range in zip(selections, members, counts, ranges, strict=True):
+            keep = member[rows]
+            scores = chunk_scores[np.ix_(keep, selection.cols)]
+            pos, ign = truth.dense(rows[keep], selection.cols)
+            for k in count:
+                count[k] += f1_counts(scores, pos, k, ign)
+            valid = scores[~ign]
+            if valid.size:
+                score_range[:] = min(score_range[0], float(valid.min())), max(score_range[1], float(valid.max()))
+    results = []
+    for selection, count, score_range in zip(selections, counts, ranges, strict=True):
+        curve = MicroPR(*score_range)
+        ap, positives = [], []
+        protocol_images = scorer.of_images(selection.rows)
+        for block in column_blocks(len(selection.cols), LABELS_PER_BLOCK):
+            scores = protocol_images.scores(None, selection.cols[block])
+            pos, ign = truth.dense(selection.rows, selection.cols[block])
+            ap.append(average_precision(scores, pos, ign))
+            curve.add(scores, pos, ign)
+            positives.append((pos & ~ign).sum(axis=0))
+        ap_all = np.concatenate(ap)
+        metrics = {"mAP": mean_average_precision(ap_all)}
+        for k in selection.protocol.ks:
+            metrics.update(f1_from_counts(count[k], k))
+        results.append(MethodResult(metrics, ap_all, np.concatenate(positives), curve.curve()))
+    return results
 
 
 def _protocols(dataset: str, info: dict[str, Any]) -> list[tuple[Protocol, list[str]]]:
@@ -263,28 +302,28 @@ SCORES_SCHEMAS = {
 }
 
 
-def _write_scores(path: Path, image_ids: pa.Array, scorers: dict[str, Scorer], score_labels: list[str],
-                  keep: str) -> None:
+@contextlib.contextmanager
+def _scores_writer(path: Path, image_ids: pa.Array, score_labels: list[str],
+                   keep: str) -> Iterator[Callable[[str, np.ndarray, np.ndarray], None]]:
     """scores.parquet, one row per image and method, written chunk by chunk: with keep='top' each image's
     TOP_SCORES best labels, best first (ties: the earlier score label); with 'all' every score in score-label
     order (the largest protocol's)."""
     names = pa.array(score_labels, pa.string())
-    columns = np.arange(len(score_labels))
+
+    def write(method: str, rows: np.ndarray, scores: np.ndarray) -> None:
+        table = {"image_id": image_ids.take(pa.array(rows)), "method": pa.array([method] * len(rows), pa.string())}
+        if keep == "top":
+            k = min(TOP_SCORES, len(score_labels))
+            best = np.nonzero(top_k_mask(scores, k))[1].reshape(len(rows), k)
+            best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1,
+                                                       kind="stable"), axis=1)
+            table["labels"] = _lists(names.take(pa.array(best.ravel())), k)
+            scores = np.take_along_axis(scores, best, axis=1)
+        table["scores"] = _lists(pa.array(scores.ravel(), pa.float32()), scores.shape[1])
+        writer.write_table(pa.table(table, schema=SCORES_SCHEMAS[keep]))
+
     with atomic.atomic_path(path) as tmp, pq.ParquetWriter(tmp, SCORES_SCHEMAS[keep]) as writer:
-        for method in METHODS:
-            for start in range(0, len(image_ids), IMAGES_PER_CHUNK):
-                rows = np.arange(start, min(start + IMAGES_PER_CHUNK, len(image_ids)))
-                scores = scorers[method].scores(rows, columns)
-                table = {"image_id": image_ids.slice(start, len(rows)), "method": pa.array([method] * len(rows))}
-                if keep == "top":
-                    k = min(TOP_SCORES, len(score_labels))
-                    best = np.nonzero(top_k_mask(scores, k))[1].reshape(len(rows), k)
-                    best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1,
-                                                               kind="stable"), axis=1)
-                    table["labels"] = _lists(names.take(pa.array(best.ravel())), k)
-                    scores = np.take_along_axis(scores, best, axis=1)
-                table["scores"] = _lists(pa.array(scores.ravel(), pa.float32()), scores.shape[1])
-                writer.write_table(pa.table(table, schema=SCORES_SCHEMAS[keep]))
+        yield write
 
 
 def _lists(values: pa.Array, width: int) -> pa.ListArray:
