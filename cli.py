@@ -259,6 +259,33 @@ def predict(
     print_predictions(_call_stage("predict", predict, PredictConfig, options), json_out, out)
 
 
+@app.command("search")
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for, in words (embedded like a label).",
+                                         show_default=False)],
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    dataset: Annotated[str | None, typer.Option(help="A dataset already cached by embed-images. "
+                                                "\\[default: folder]")] = None,
+    top: Annotated[int | None, typer.Option(help="Images shown. \\[default: 10]")] = None,
+    zero_shot: Annotated[bool | None, typer.Option("--zero-shot", help="Plain CLIP, no adapter.")] = None,
+    index: Annotated[str | None, typer.Option(help="flat (exact) or ivf (approximate, for large caches). "
+                                              "\\[default: flat]")] = None,
+    nprobe: Annotated[int | None, typer.Option(help="IVF cells searched per query (--index ivf). "
+                                               "\\[default: 32]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Open-vocabulary image search: a cached dataset's images best matching QUERY, through the adapter."""
+    options = dict(locals())
+    options.pop("json_out")
+    from ovml.pipeline.report import print_search
+    from ovml.stages.search import SearchConfig, search
+
+    print_search(_call_stage("search", search, SearchConfig, options), json_out, out)
+
+
 @app.command("run")
 def run(
     config: ConfigOpt = None,

@@ -45,23 +45,26 @@ def text_embedding_parts(text_emb_dir: Path) -> list[Path]:
     return sorted(Path(text_emb_dir).glob("part-*.parquet"))
 
 
-def read_text_embeddings(text_emb_dir: str | Path, dtype: str = "float32") -> tuple[list[str], np.ndarray]:
-    """All parts, in part order: caption ids and one contiguous [n, d] matrix of `dtype`, filled part by part
-    (memory: the matrix plus one part; float16 halves the matrix)."""
+def read_text_embeddings(text_emb_dir: str | Path, dtype: str = "float32") -> tuple[pa.ChunkedArray, np.ndarray]:
+    """All parts, in part order: caption ids and one contiguous [n, d] matrix of `dtype`, filled batch by batch.
+
+    Memory is the matrix plus one batch (ids stay Arrow strings): reading whole parts made Arrow's allocator keep
+    ~2x the matrix, and a Python list of 1M ids costs ~100 MB.
+    """
     parts = text_embedding_parts(Path(text_emb_dir))
     if not parts:
         raise OvmlError(f"no text embeddings (part-*.parquet) in {text_emb_dir}; run `ovml embed-text` first")
-    files = [pq.ParquetFile(p) for p in parts]
+    files = [pq.ParquetFile(p, pre_buffer=False) for p in parts]
     dims = sorted({f.schema_arrow.field("embedding").type.list_size for f in files})
     if len(dims) != 1:
         raise OvmlError(f"text embedding parts in {text_emb_dir} mix widths {dims}; "
                         "re-run `ovml embed-text --force`")
     matrix = np.empty((sum(f.metadata.num_rows for f in files), dims[0]), dtype=dtype)
-    caption_ids: list[str] = []
+    caption_ids: list[pa.Array] = []
     row = 0
     for f in files:
-        table = f.read(columns=["caption_id", "embedding"])
-        matrix[row:row + table.num_rows] = embedding_matrix(table["embedding"])
-        caption_ids.extend(table["caption_id"].to_pylist())
-        row += table.num_rows
-    return caption_ids, matrix
+        for batch in f.iter_batches(batch_size=8192, columns=["caption_id", "embedding"]):
+            matrix[row:row + batch.num_rows] = embedding_matrix(batch.column("embedding"))
+            caption_ids.append(batch.column("caption_id"))
+            row += batch.num_rows
+    return pa.chunked_array(caption_ids, pa.string()), matrix

@@ -30,6 +30,7 @@ from ovml.pipeline.text_embeddings import STORE_DTYPES, embedding_matrix, read_t
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
 LOSSES = {"asl": losses.asl, "bce": losses.bce, "rank": losses.rank}
+VAL_LABELS_PER_BLOCK = 64  # AP's working set is a few [held-out captions, block] arrays: 26 MB each at 100k
 TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("val_mAP", pa.float64()),
                               ("lr", pa.float64()), ("seconds", pa.float64())])
 
@@ -131,7 +132,7 @@ def _read_training_data(run_dir: RunDir, store_dtype: str) -> TrainingData:
         raise OvmlError(f"no captions (part-*.parquet) in {run_dir / CAPTIONS}; run `ovml generate-text` first")
     captions = pa.concat_tables(pq.read_table(p, columns=["caption_id", "labels"]) for p in parts)
     text_ids, text_emb = read_text_embeddings(run_dir / TEXT_EMB, store_dtype)
-    row = pc.index_in(captions.column("caption_id"), value_set=pa.array(text_ids, pa.string()))
+    row = pc.index_in(captions.column("caption_id"), value_set=text_ids.combine_chunks())
     if row.null_count:
         raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
                         f"`ovml embed-text --run-dir {run_dir.path}`")
@@ -161,7 +162,6 @@ def _train(cfg: TrainAdapterConfig, run_dir: RunDir, data: TrainingData) -> dict
     if len(train) == 0:
         raise OvmlError(f"no captions left to train on after holding out --val-fraction {cfg.val_fraction}")
     x_all, rows = data.embeddings.to(device), data.rows.to(device)
-    x_val = x_all[rows[val.to(device)]].float()
     label_emb = data.label_emb.to(device)
     config = AdapterConfig(
         dim=int(x_all.shape[1]), clip=cfg.clip, vocabulary=data.vocabulary, label_templates=data.label_templates,
@@ -199,7 +199,7 @@ def _train(cfg: TrainAdapterConfig, run_dir: RunDir, data: TrainingData) -> dict
                 scheduler.step()
                 total += loss.item() * len(batch)
                 progress.advance(task, len(batch))
-            val_map = _validation_map(model, x_val, data.targets, val.numpy(), label_emb)
+            val_map = _validation_map(model, x_all[rows[val.to(device)]], data.targets, val.numpy(), label_emb)
             log.append({"epoch": epoch, "loss": total / len(train), "val_mAP": val_map,
                         "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             progress.update(task, description=f"epoch {epoch}/{cfg.epochs} loss {log[-1]['loss']:.4g} "
@@ -231,12 +231,13 @@ def _validation_map(model: Adapter, x: torch.Tensor, targets: LabelSets, caption
                     label_emb: torch.Tensor) -> float:
     """Text-side mAP on held-out captions, without noise: the early-stopping signal (NaN without a split).
 
-    Scored one block of labels at a time, so memory is [captions, block], never [captions, labels]."""
+    Scored a block of labels at a time, so memory is a few [captions, block], never [captions, labels]."""
     if len(x) == 0:
         return math.nan
     model.eval()
     h = model.all_features(x)
+    del x  # the caller's copy of the held-out rows: gone before the blocks are scored
     ap = [average_precision(model.logits(h, label_emb[torch.from_numpy(cols).to(label_emb.device)]).cpu().numpy(),
                             targets.dense(captions, cols))
-          for cols in column_blocks(len(label_emb))]
+          for cols in column_blocks(len(label_emb), VAL_LABELS_PER_BLOCK)]
     return mean_average_precision(np.concatenate(ap))
