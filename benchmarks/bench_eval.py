@@ -41,7 +41,9 @@ def unit(m: np.ndarray) -> np.ndarray:
     return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def synthetic_run(root: Path, images: int, labels: int, seed: int = 0) -> Path:
+def synthetic_run(root: Path, images: int, labels: int, seed: int = 0, noise: float = 1.0) -> Path:
+    """noise: per-dimension std of what is added to an image's lean towards its labels (1.0: mostly noise, enough
+    for eval, whose cost does not depend on the values; search's recall does, so it asks for clusters)."""
     rng = np.random.default_rng(seed)
     names = [f"label {i}" for i in range(labels)]
     def encode_text(texts, progress=None):
@@ -56,7 +58,7 @@ def synthetic_run(root: Path, images: int, labels: int, seed: int = 0) -> Path:
     for start in range(0, images, 10_000):
         rows = slice(start, start + 10_000)
         lean = (label_emb[pos[rows]] * pos_used[rows, :, None]).sum(axis=1)
-        vectors[rows] = unit(lean + rng.normal(size=lean.shape))
+        vectors[rows] = unit(lean + noise * rng.normal(size=lean.shape))
     vocabulary = pa.array(names)
 
     def lists(chosen: np.ndarray, used: np.ndarray) -> pa.ListArray:

@@ -19,8 +19,8 @@ import torch
 from ovml.pipeline import atomic, losses
 from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb, save_adapter
 from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, PART_GLOB, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY
-from ovml.pipeline.clip import pick_device
 from ovml.pipeline.config import as_params, not_fingerprinted
+from ovml.pipeline.device import pick_device
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_sets import LabelSets
 from ovml.pipeline.metrics import average_precision, column_blocks, mean_average_precision
