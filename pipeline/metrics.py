@@ -22,8 +22,9 @@ def average_precision(scores: np.ndarray, positives: np.ndarray, ignored: np.nda
     """AP of each label (column); NaN for a label without a positive, so callers can leave it out of mAP.
 
     AP = mean over positives p of precision at threshold score(p) = #positives >= s / #entries >= s, which
-    is sklearn's step-wise AP with ties grouped. One sort per label plus binary searches for the positives
-    (sparse), instead of an argsort and cumulative sums over every entry.
+    is sklearn's step-wise AP with ties grouped. One sort of a label's non-ignored scores plus binary searches for
+    its positives (sparse), instead of an argsort and cumulative sums over every entry; labels without a
+    positive are not sorted at all.
     """
     scores, positives, valid = _checked(scores, positives, ignored)
     n_labels = scores.shape[1]
@@ -33,11 +34,10 @@ def average_precision(scores: np.ndarray, positives: np.ndarray, ignored: np.nda
         block = np.ascontiguousarray(scores[:, cols].T)  # one label per row: contiguous for sort and mask
         block_valid = np.ascontiguousarray(valid[:, cols].T)
         relevant = np.ascontiguousarray(positives[:, cols].T) & block_valid
-        # scores are finite, so -inf puts ignored entries below every real one, where they count for nothing
-        block_sorted = np.sort(np.where(block_valid, block, -np.inf), axis=1)
-        for row, (ranked, label_scores, hits) in enumerate(zip(block_sorted, block, relevant, strict=True)):
+        for row, (label_scores, label_valid, hits) in enumerate(zip(block, block_valid, relevant, strict=True)):
             positive_scores = np.sort(label_scores[hits])
             if positive_scores.size:
+                ranked = np.sort(label_scores[label_valid])  # ignored entries count for nothing: left out
                 at_or_above = ranked.size - np.searchsorted(ranked, positive_scores, side="left")
                 positives_at_or_above = positive_scores.size - np.searchsorted(
                     positive_scores, positive_scores, side="left")
