@@ -67,4 +67,5 @@ def read_text_embeddings(text_emb_dir: str | Path, dtype: str = "float32") -> tu
             matrix[row:row + batch.num_rows] = embedding_matrix(batch.column("embedding"))
             caption_ids.append(batch.column("caption_id"))
             row += batch.num_rows
+        pa.default_memory_pool().release_unused()  # else Arrow's allocator keeps the part's decoding buffers
     return pa.chunked_array(caption_ids, pa.string()), matrix

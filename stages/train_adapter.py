@@ -199,7 +199,7 @@ def _train(cfg: TrainAdapterConfig, run_dir: RunDir, data: TrainingData) -> dict
                 scheduler.step()
                 total += loss.item() * len(batch)
                 progress.advance(task, len(batch))
-            val_map = _validation_map(model, x_all[rows[val.to(device)]], data.targets, val.numpy(), label_emb)
+            val_map = _validation_map(model, x_all, rows[val.to(device)], data.targets, val.numpy(), label_emb)
             log.append({"epoch": epoch, "loss": total / len(train), "val_mAP": val_map,
                         "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             progress.update(task, description=f"epoch {epoch}/{cfg.epochs} loss {log[-1]['loss']:.4g} "
@@ -227,16 +227,17 @@ def _warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 @torch.inference_mode()
-def _validation_map(model: Adapter, x: torch.Tensor, targets: LabelSets, captions: np.ndarray,
-                    label_emb: torch.Tensor) -> float:
+def _validation_map(model: Adapter, x_all: torch.Tensor, x_rows: torch.Tensor, targets: LabelSets,
+                    captions: np.ndarray, label_emb: torch.Tensor) -> float:
     """Text-side mAP on held-out captions, without noise: the early-stopping signal (NaN without a split).
 
     Scored a block of labels at a time, so memory is a few [captions, block], never [captions, labels]."""
-    if len(x) == 0:
+    if len(x_rows) == 0:
         return math.nan
     model.eval()
-    h = model.all_features(x)
-    del x  # the caller's copy of the held-out rows: gone before the blocks are scored
+    h = torch.empty((len(x_rows), x_all.shape[1]), dtype=torch.float32, device=x_all.device)
+    for start in range(0, len(x_rows), 8192):  # features of the held-out rows, never a copy of their embeddings
+        h[start:start + 8192] = model.features(x_all[x_rows[start:start + 8192]].float())
     ap = [average_precision(model.logits(h, label_emb[torch.from_numpy(cols).to(label_emb.device)]).cpu().numpy(),
                             targets.dense(captions, cols))
           for cols in column_blocks(len(label_emb), VAL_LABELS_PER_BLOCK)]
