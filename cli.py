@@ -197,6 +197,9 @@ def train_adapter(
     patience: Annotated[int | None, typer.Option(help="Epochs without val mAP gain before stopping. "
                                                  "\\[default: 3]")] = None,
     seed: Annotated[int | None, typer.Option(help="\\[default: 0]")] = None,
+    store_dtype: Annotated[str | None, typer.Option(help="float32 or float16: how the caption embeddings are held "
+                                                    "in memory (float16 halves it; batches compute in float32). "
+                                                    "\\[default: float32]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""
@@ -237,6 +240,9 @@ def evaluate(
     clip: ClipOpt = None,
     device: DeviceOpt = None,
     dataset: Annotated[str | None, typer.Option(help="A dataset already cached by embed-images.")] = None,
+    save_scores: Annotated[str | None, typer.Option(help="scores.parquet keeps each image's 50 best labels with "
+                                                    "their scores per method (top) or every score (all). "
+                                                    "\\[default: top]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""
@@ -291,6 +297,33 @@ def train_testbed(
     from ovml.pipeline.testbed import TestbedConfig, train_testbed
 
     _call_stage("train_testbed", train_testbed, TestbedConfig, options)
+
+
+@app.command("search")
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for, in words (embedded like a label).",
+                                         show_default=False)],
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    clip: ClipOpt = None,
+    device: DeviceOpt = None,
+    dataset: Annotated[str | None, typer.Option(help="A dataset already cached by embed-images. "
+                                                "\\[default: folder]")] = None,
+    top: Annotated[int | None, typer.Option(help="Images shown. \\[default: 10]")] = None,
+    zero_shot: Annotated[bool | None, typer.Option("--zero-shot", help="Plain CLIP, no adapter.")] = None,
+    index: Annotated[str | None, typer.Option(help="flat (exact) or ivf (approximate, for large caches). "
+                                              "\\[default: flat]")] = None,
+    nprobe: Annotated[int | None, typer.Option(help="IVF cells searched per query (--index ivf). "
+                                               "\\[default: 32]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Open-vocabulary image search: a cached dataset's images best matching QUERY, through the adapter."""
+    options = dict(locals())
+    options.pop("json_out")
+    from ovml.pipeline.report import print_search
+    from ovml.stages.search import SearchConfig, search
+
+    print_search(_call_stage("search", search, SearchConfig, options), json_out, out)
 
 
 @app.command("run")

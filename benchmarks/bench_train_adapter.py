@@ -1,7 +1,9 @@
-"""train-adapter wall time, and the paper's cost argument: one adapter step vs one prompt-tuning step.
+"""train-adapter wall time and peak memory, and the paper's cost argument: one adapter step vs one prompt-tuning step.
 
     .venv/bin/python benchmarks/bench_train_adapter.py                 # 100,000 captions x 1,006 labels
     .venv/bin/python benchmarks/bench_train_adapter.py --captions 10000 --prompt-labels 128   # quick look
+    .venv/bin/python benchmarks/bench_train_adapter.py --captions 1000000 --labels 7586 --epochs 1 --no-steps
+                                                                       # Open Images scale: peak RSS, s/epoch
 
 Synthetic data (random unit label embeddings, captions = their labels' sum plus noise): the cost is that of
 real data of the same shape; the val mAP printed says nothing about real accuracy. Prompt tuning is CoOp
@@ -23,8 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from peak_rss import measure
 
 from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb
+from ovml.pipeline.artifacts import part_name
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.losses import asl
 from ovml.pipeline.text_embeddings import embedding_array, write_text_embeddings
@@ -38,21 +42,25 @@ def unit(m: np.ndarray) -> np.ndarray:
     return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def synthetic_run(root: Path, captions: int, labels: int, seed: int = 0) -> Path:
+def synthetic_run(root: Path, captions: int, labels: int, seed: int = 0, part_size: int = 50_000) -> Path:
+    """captions/ and text_emb/ in parts of part_size, as generate-text and embed-text write them, never holding
+    a [captions, labels] matrix (1M x 7,586 would be 30 GB as float32)."""
     rng = np.random.default_rng(seed)
-    vocabulary = [f"label {i}" for i in range(labels)]
+    vocabulary = pa.array([f"label {i}" for i in range(labels)])
     label_emb = unit(rng.normal(size=(labels, DIM)))
-    per_caption = rng.integers(1, 5, size=captions)
-    chosen = [rng.choice(labels, size=k, replace=False) for k in per_caption]
-    targets = np.zeros((captions, labels), dtype=np.float32)
-    targets[np.repeat(np.arange(captions), per_caption), np.concatenate(chosen)] = 1
-    text = unit(targets @ label_emb + 0.05 * rng.normal(size=(captions, DIM)))
-    ids = [f"c{i:07d}" for i in range(captions)]
     (root / "captions").mkdir(parents=True)
-    pq.write_table(pa.table({"caption_id": ids, "labels": [[vocabulary[j] for j in c] for c in chosen]}),
-                   root / "captions/part-00000.parquet")
-    (root / "captions/vocabulary.json").write_text(json.dumps({"labels": vocabulary, "synonyms": {}}))
-    write_text_embeddings(root / "text_emb/part-00000.parquet", ids, text, "float32")
+    for part, start in enumerate(range(0, captions, part_size)):
+        n = min(part_size, captions - start)
+        per_caption = rng.integers(1, 5, size=n)
+        chosen = rng.integers(0, labels, size=(n, 4))  # the first per_caption of each row; a repeat is rare
+        used = np.arange(4) < per_caption[:, None]
+        text = unit((label_emb[chosen] * used[..., None]).sum(axis=1) + 0.05 * rng.normal(size=(n, DIM)))
+        ids = [f"c{i:07d}" for i in range(start, start + n)]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(per_caption)]).astype(np.int32))
+        caption_labels = pa.ListArray.from_arrays(offsets, vocabulary.take(pa.array(chosen[used])))
+        pq.write_table(pa.table({"caption_id": ids, "labels": caption_labels}), root / f"captions/{part_name(part)}")
+        write_text_embeddings(root / f"text_emb/{part_name(part)}", ids, text, "float32")
+    (root / "captions/vocabulary.json").write_text(json.dumps({"labels": vocabulary.to_pylist(), "synonyms": {}}))
     (root / "labels").mkdir()
     pq.write_table(pa.table({"label": vocabulary, "embedding": embedding_array(label_emb)}),
                    root / "labels/train.parquet")
@@ -110,22 +118,29 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=100_000)
     parser.add_argument("--labels", type=int, default=1006)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--no-steps", action="store_true", help="only the stage: skip the step comparison")
     parser.add_argument("--prompt-labels", type=int, default=1006,
                         help="labels pushed through the text tower in the prompt-tuning step")
     parser.add_argument("--prompt-chunk", type=int, default=64)
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
-    cfg = TrainAdapterConfig(clip="ViT-B-16:random", device="cpu", epochs=args.epochs, patience=args.epochs)
+    cfg = TrainAdapterConfig(clip="ViT-B-16:random", device="cpu", epochs=args.epochs, patience=args.epochs,
+                             store_dtype=args.store_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = synthetic_run(Path(tmp), args.captions, args.labels)
         print(f"synthetic run dir: {time.perf_counter() - t0:.1f} s")
         cfg.run_dir = run
-        outcome = train_adapter(cfg)
+        outcome, _, peak = measure(train_adapter, cfg)  # a fresh process: its peak RSS is the stage's alone
         log = pq.read_table(run / "adapter/train_log.parquet").to_pylist()
+    epoch_seconds = [r["seconds"] for r in log]
     print(f"train-adapter: {args.captions:,} captions x {args.labels:,} labels, d={DIM}, hidden={cfg.hidden}, "
-          f"batch {cfg.batch_size}, {len(log)} epochs: {outcome.seconds:.1f} s wall "
-          f"(epochs {sum(r['seconds'] for r in log):.1f} s, best val mAP {outcome.summary['best_val_mAP']:.3f})")
+          f"batch {cfg.batch_size}, --store-dtype {args.store_dtype}, {len(log)} epochs: {outcome.seconds:.1f} s "
+          f"wall (epochs {sum(epoch_seconds):.1f} s, {np.mean(epoch_seconds):.1f} s/epoch incl. val mAP; "
+          f"best val mAP {outcome.summary['best_val_mAP']:.3f}); peak RSS {peak / 2**30:.2f} GiB")
+    if args.no_steps:
+        return
     adapter_step = adapter_step_seconds(cfg, args.labels)
     print(f"one adapter step (batch {cfg.batch_size}, {args.labels} labels): {adapter_step * 1000:.1f} ms")
     prompt_step = prompt_tuning_step_seconds(args.prompt_labels, cfg.batch_size, args.prompt_chunk)

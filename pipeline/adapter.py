@@ -77,10 +77,23 @@ class Adapter(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x), label_emb)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """h, the adapted embedding (unit norm for the cosine head): computed once, scored against any labels."""
         h = x + self.alpha * self.mlp(x)
-        if self.head == "cosine":
-            h = F.normalize(h, dim=-1)
+        return F.normalize(h, dim=-1) if self.head == "cosine" else h
+
+    def logits(self, h: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
         return self.scale * h @ F.normalize(label_emb, dim=-1).T + self.bias
+
+    @torch.inference_mode()
+    def all_features(self, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+        """features(x) batch by batch, so no [n, hidden] activation is ever built whole."""
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for start in range(0, len(x), batch_size):
+            out[start:start + batch_size] = self.features(x[start:start + batch_size].float())
+        return out
 
     @torch.inference_mode()
     def score(self, x: torch.Tensor, label_emb: torch.Tensor, batch_size: int = 8192) -> np.ndarray:

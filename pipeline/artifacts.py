@@ -8,6 +8,8 @@
     eval/<dataset>/                                        eval
     cache/labels/                   label embeddings eval and predict compute for their own label lists
                                     (named by fingerprint; any file there may be deleted)
+    cache/search/<dataset>/         search's FAISS indexes of adapted image vectors and IVF indexes, named by
+                                    what they were built from (any file there may be deleted)
 """
 
 from __future__ import annotations
@@ -42,3 +44,8 @@ def image_cache(dataset: str) -> str:
 
 def eval_dir(dataset: str) -> str:
     return f"eval/{dataset}"
+
+
+def search_cache(dataset: str) -> str:
+    """Not under images/<dataset>/: eval fingerprints that folder, and a search must not make eval re-run."""
+    return f"cache/search/{dataset}"

@@ -24,6 +24,7 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 
+from ovml.pipeline.device import pick_device
 from ovml.pipeline.errors import OvmlError
 
 RANDOM = "random"
@@ -257,14 +258,6 @@ class CausalTextTower:
 def _normalise(features: torch.Tensor) -> np.ndarray:
     features = features.float()
     return torch.nn.functional.normalize(features, dim=-1).cpu().numpy().astype(np.float32, copy=False)
-
-
-def pick_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OvmlError(f"--device {device} needs a CUDA GPU and none is available here; use --device cpu or auto")
-    return device
 
 
 @functools.lru_cache(maxsize=2)

@@ -18,7 +18,8 @@ from typing import Any, Literal
 from ovml.pipeline.errors import OvmlError
 
 SHARED_KEYS = ("run_dir", "clip", "seed", "device")
-SECTIONS = ("generate_text", "embed_text", "train_adapter", "embed_images", "eval", "predict", "run", "train_testbed")
+SECTIONS = ("generate_text", "embed_text", "train_adapter", "embed_images", "eval", "predict", "search", "run",
+            "train_testbed")
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:

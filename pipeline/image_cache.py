@@ -33,9 +33,7 @@ FAILURES_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), (
 
 
 def write_index(path: Path, vectors: np.ndarray) -> None:
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    atomic.write_bytes(path, faiss.serialize_index(index).tobytes())
+    save_index(path, flat_index(vectors))
 
 
 def write_image_cache(directory: Path, vectors: np.ndarray, items: pa.Table, failures: pa.Table, info: dict) -> None:
@@ -48,7 +46,7 @@ def write_image_cache(directory: Path, vectors: np.ndarray, items: pa.Table, fai
 
 def read_index(path: Path) -> np.ndarray:
     """All vectors of a flat index, as one float32 matrix."""
-    index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+    index = load_index(path)
     return index.reconstruct_n(0, index.ntotal)
 
 
@@ -81,3 +79,28 @@ def read_image_cache(directory: Path) -> tuple[np.ndarray, pa.Table, dict]:
         raise OvmlError(f"{directory} is inconsistent ({len(items)} items, {len(vectors)} vectors); "
                         "re-run `ovml embed-images --force`")
     return vectors, items, info
+
+
+def ivf_index(vectors: np.ndarray, nlist: int | None = None) -> faiss.Index:
+    """An approximate inner-product index: k-means cells (default ~4 sqrt(n), at least 39 points each), searched
+    a few cells at a time (nprobe). FAISS seeds its k-means, so the same vectors give the same index."""
+    n, dim = vectors.shape
+    nlist = nlist or max(1, min(round(4 * np.sqrt(n)), n // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def flat_index(vectors: np.ndarray) -> faiss.Index:
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def save_index(path: Path, index: faiss.Index) -> None:
+    atomic.write_bytes(path, faiss.serialize_index(index).tobytes())
+
+
+def load_index(path: Path) -> faiss.Index:
+    return faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))

@@ -103,3 +103,19 @@ def print_predictions(predictions: list[dict[str, Any]], json_out: bool, console
     if predictions[0]["random_weights"]:
         table.caption = "CLIP weights are random: these scores are meaningless."
     console.print(table)
+
+
+def print_search(found: dict[str, Any], json_out: bool, console: Console) -> None:
+    """search's output: one JSON line, or a table of the images best first."""
+    if json_out:
+        print(json.dumps(found))
+        return
+    table = Table(title=f"ovml search {found['query']!r} in {found['dataset']} ({found['method']}, {found['index']})")
+    table.add_column("rank", justify="right")
+    table.add_column("image", overflow="fold")
+    table.add_column("score", justify="right")
+    for item in found["results"]:
+        table.add_row(str(item["rank"]), item["path"], f"{item['score']:.4f}")
+    if found["random_weights"]:
+        table.caption = "CLIP weights are random: these scores are meaningless."
+    console.print(table)

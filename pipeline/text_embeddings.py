@@ -1,7 +1,7 @@
 """Embedding columns on disk: fixed_size_list<float32|float16>[d], read back as one float32 matrix.
 
 text_emb/part-NNNNN.parquet holds (caption_id, embedding), one part per captions part. float16 storage
-halves the disk; readers always get float32, because training and FAISS want it.
+halves the disk; readers get float32 (what training and FAISS compute in) unless they ask to hold float16.
 """
 
 from __future__ import annotations
@@ -47,14 +47,18 @@ def text_embedding_parts(text_emb_dir: Path) -> list[Path]:
 
 def _open_part(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False)
     except pa.ArrowInvalid as e:
         raise OvmlError(f"{path} is damaged or not a parquet file ({str(e)[:120]}); remake it with "
                         "`ovml embed-text --force`") from None
 
 
-def read_text_embeddings(text_emb_dir: str | Path) -> tuple[list[str], np.ndarray]:
-    """All parts, in part order: caption ids and one contiguous float32 [n, d] matrix, filled in place."""
+def read_text_embeddings(text_emb_dir: str | Path, dtype: str = "float32") -> tuple[pa.ChunkedArray, np.ndarray]:
+    """All parts, in part order: caption ids and one contiguous [n, d] matrix of `dtype`, filled batch by batch.
+
+    Memory is the matrix plus one batch (ids stay Arrow strings): reading whole parts made Arrow's allocator keep
+    ~2x the matrix, and a Python list of 1M ids costs ~100 MB.
+    """
     parts = text_embedding_parts(Path(text_emb_dir))
     if not parts:
         raise OvmlError(f"no text embeddings (part-*.parquet) in {text_emb_dir}; run `ovml embed-text` first")
@@ -63,12 +67,13 @@ def read_text_embeddings(text_emb_dir: str | Path) -> tuple[list[str], np.ndarra
     if len(dims) != 1:
         raise OvmlError(f"text embedding parts in {text_emb_dir} mix widths {dims}; "
                         "re-run `ovml embed-text --force`")
-    matrix = np.empty((sum(f.metadata.num_rows for f in files), dims[0]), dtype=np.float32)
-    caption_ids: list[str] = []
+    matrix = np.empty((sum(f.metadata.num_rows for f in files), dims[0]), dtype=dtype)
+    caption_ids: list[pa.Array] = []
     row = 0
     for f in files:
-        table = f.read(columns=["caption_id", "embedding"])
-        matrix[row:row + table.num_rows] = embedding_matrix(table["embedding"])
-        caption_ids.extend(table["caption_id"].to_pylist())
-        row += table.num_rows
-    return caption_ids, matrix
+        for batch in f.iter_batches(batch_size=8192, columns=["caption_id", "embedding"]):
+            matrix[row:row + batch.num_rows] = embedding_matrix(batch.column("embedding"))
+            caption_ids.append(batch.column("caption_id"))
+            row += batch.num_rows
+        pa.default_memory_pool().release_unused()  # else Arrow's allocator keeps the part's decoding buffers
+    return pa.chunked_array(caption_ids, pa.string()), matrix

@@ -11,10 +11,6 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from ovml.pipeline.errors import OvmlError
 
 # English plurals that no suffix rule produces; common object labels need them (person/people).
@@ -48,18 +44,6 @@ def read_vocabulary_json(path: Path) -> list[str]:
     if not labels or not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise OvmlError(f"{path} has no 'labels' list of strings; re-run `ovml generate-text --force`")
     return labels
-
-
-def multi_hot(label_lists: pa.ChunkedArray, labels: list[str]) -> tuple[np.ndarray, list[str]]:
-    """([rows, len(labels)] bool, names outside `labels`) from a list<string> column, without a loop per row."""
-    lists = label_lists.combine_chunks()
-    names = pc.list_flatten(lists)
-    cols = pc.index_in(names, value_set=pa.array(labels, pa.string()))
-    unknown = pc.filter(names, pc.is_null(cols)).unique().to_pylist()
-    known = pc.is_valid(cols).to_numpy(zero_copy_only=False)
-    out = np.zeros((len(lists), len(labels)), dtype=bool)
-    out[pc.list_parent_indices(lists).to_numpy()[known], cols.to_numpy(zero_copy_only=False)[known]] = True
-    return out, unknown
 
 
 def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:

@@ -6,17 +6,24 @@ nothing else. Each dataset's protocols (label split, K values, which images coun
 pipeline/datasets.py DATASETS: NUS-WIDE ZSL/GZSL with F1@3/5, Open Images ZSL/GZSL with F1@10/20, the others
 all labels with F1@3. In the zero-shot protocols an image counts only if it has a positive among the
 protocol's labels, as in the papers; elsewhere every image counts.
+
+Memory is bounded by the chunk and block sizes, not by images x labels (125,000 x 7,586 for Open Images): no
+score matrix is ever held whole. F1@K is pooled counts, summed over chunks of images; AP is per label, computed
+over blocks of labels with every image's score; both equal the values of the whole matrix exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline import atomic
@@ -28,10 +35,22 @@ from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_dataset_info, read_image_cache
 from ovml.pipeline.label_embeddings import label_embeddings
-from ovml.pipeline.metrics import evaluate_scores, micro_pr_curve
+from ovml.pipeline.label_sets import LabelSets
+from ovml.pipeline.metrics import (
+    MicroPR,
+    average_precision,
+    column_blocks,
+    f1_counts,
+    f1_from_counts,
+    mean_average_precision,
+    top_k_mask,
+)
 from ovml.pipeline.report import METHODS, eval_markdown, plot_ap_scatter, plot_pr_curves
 from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
-from ovml.pipeline.vocabulary import multi_hot
+
+IMAGES_PER_CHUNK = 4096  # scores of [chunk, labels] at a time: 124 MB at 7,586 labels
+LABELS_PER_BLOCK = 256  # scores of [images, block] at a time for AP: 128 MB at 125,000 images
+TOP_SCORES = 50  # labels per image and method that scores.parquet keeps unless --save-scores all
 
 
 @dataclass
@@ -40,12 +59,16 @@ class EvalConfig:
     clip: str = "ViT-B-16:openai"
     device: str = not_fingerprinted("auto")
     dataset: str = "folder"
+    save_scores: Literal["top", "all"] = "top"
     force: bool = not_fingerprinted(False)
 
 
 def evaluate(cfg: EvalConfig) -> StageOutcome:
     if cfg.dataset not in DATASETS:
         raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(DATASETS)}")
+    if cfg.save_scores not in ("top", "all"):
+        raise OvmlError(f"--save-scores must be top (the {TOP_SCORES} best labels per image) or all, "
+                        f"got '{cfg.save_scores}'")
     run_dir = RunDir(cfg.run_dir)
     cache = image_cache(cfg.dataset)
     if not (run_dir / cache / "dataset.json").is_file():
@@ -85,9 +108,10 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
     zero_shot_emb = label_embeddings(encoder, score_labels, "pool", cache_dir=run_dir / LABEL_CACHE)
     adapter_emb = label_embeddings(encoder, score_labels, adapter_config.label_templates,
                                    cache_dir=run_dir / LABEL_CACHE)
-    scores = {"adapter": adapter.score(torch.from_numpy(vectors), torch.from_numpy(adapter_emb)),
-              "zero-shot": vectors @ zero_shot_emb.T}
-    positives, ignored = ground_truth(items, score_labels)
+    images = torch.from_numpy(vectors)
+    scorers = {"adapter": Scorer(adapter.all_features(images), torch.from_numpy(adapter_emb), adapter.logits),
+               "zero-shot": Scorer(images, torch.from_numpy(zero_shot_emb), lambda h, w: h @ w.T)}
+    truth = ground_truth(items, score_labels)
     column = {label: i for i, label in enumerate(score_labels)}
 
     report: dict[str, Any] = {
@@ -96,42 +120,136 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         "images": len(items), "failures": int(info.get("failures", 0)),
         "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
-    per_label = []
+    selections = []
     for protocol, labels in protocols:
         cols = np.array([column[label] for label in labels])
-        pos, ign = positives[:, cols], ignored[:, cols]
-        rows = np.flatnonzero((pos & ~ign).any(axis=1)) if protocol.images_with_a_positive_only \
-            else np.arange(len(items))
-        pos, ign = pos[rows], ign[rows]
-        metrics, ap, curves = {}, {}, {}
-        for method in METHODS:
-            method_scores = scores[method][np.ix_(rows, cols)]
-            metrics[method], ap[method] = evaluate_scores(method_scores, pos, ign, protocol.ks)
-            curves[method] = micro_pr_curve(method_scores, pos, ign)
+        rows = _protocol_rows(truth, cols, len(items), protocol.images_with_a_positive_only)
+        selections.append(Selection(protocol, labels, cols, rows))
+    with _scores_writer(out / "scores.parquet", items["image_id"].combine_chunks(), score_labels,
+                        cfg.save_scores) as write_scores:
+        by_method = {method: _score_method(method, scorers[method], truth, selections, write_scores)
+                     for method in METHODS}
+    per_label = []
+    for i, (protocol, labels) in enumerate(protocols):
+        rows = selections[i].rows
+        results = {method: by_method[method][i] for method in METHODS}
+        ap = {method: result.ap for method, result in results.items()}
         plots = {"ap": f"ap_{protocol.name}.png", "pr": f"pr_{protocol.name}.png"}
         title = f"{cfg.dataset} {protocol.name}"
         plot_ap_scatter(out / plots["ap"], ap["adapter"], ap["zero-shot"], f"{title}: AP per label")
-        plot_pr_curves(out / plots["pr"], curves, f"{title}: micro precision-recall")
+        plot_pr_curves(out / plots["pr"], {m: r.curve for m, r in results.items()}, f"{title}: micro precision-recall")
         report["protocols"][protocol.name] = {
             "labels": labels, "ks": list(protocol.ks), "images": len(rows),
             "images_with_a_positive_only": protocol.images_with_a_positive_only,
             "labels_with_positives": int((~np.isnan(ap["adapter"])).sum()),
-            "metrics": {m: {k: _json_float(v) for k, v in values.items()} for m, values in metrics.items()},
+            "metrics": {m: {k: _json_float(v) for k, v in r.metrics.items()} for m, r in results.items()},
             "plots": plots,
         }
         per_label.append(pa.table({
             "protocol": pa.array([protocol.name] * len(labels), pa.string()),
             "label": pa.array(labels, pa.string()),
-            "positives": pa.array((pos & ~ign).sum(axis=0), pa.int64()),
+            "positives": pa.array(results["adapter"].positives, pa.int64()),
             "ap_adapter": pa.array(ap["adapter"], pa.float64(), from_pandas=True),
             "ap_zero_shot": pa.array(ap["zero-shot"], pa.float64(), from_pandas=True),
         }))
 
     atomic.write_parquet(out / "per_label.parquet", pa.concat_tables(per_label))
-    atomic.write_parquet(out / "scores.parquet", _scores_table(items["image_id"], scores))
     atomic.write_json(out / "report.json", report)
     atomic.write_text(out / "report.md", eval_markdown(report))
     return _summary(report, out)
+
+
+@dataclass
+class Scorer:
+    """One method's scores for any rows x label columns, computed on demand: never held as [images, labels]."""
+
+    features: torch.Tensor  # [images, d]: the image vectors, or the adapter's features of them
+    label_emb: torch.Tensor  # [labels, d] in score-label order
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    @torch.inference_mode()
+    def scores(self, rows: np.ndarray | None, columns: np.ndarray) -> np.ndarray:
+        """[rows, columns] scores (rows None: every image)."""
+        features = self.features if rows is None else self.features[torch.from_numpy(rows)]
+        return self.logits(features, self.label_emb[torch.from_numpy(columns)]).float().numpy()
+
+    def of_images(self, rows: np.ndarray) -> Scorer:
+        return Scorer(self.features[torch.from_numpy(rows)], self.label_emb, self.logits)
+
+
+@dataclass
+class Selection:
+    """What one protocol scores: its labels (score columns) and its images (rows)."""
+
+    protocol: Protocol
+    labels: list[str]
+    cols: np.ndarray
+    rows: np.ndarray
+
+
+@dataclass
+class MethodResult:
+    metrics: dict[str, float]  # mAP, then F1@K, P@K, R@K for each K
+    ap: np.ndarray  # per label, NaN without a positive
+    positives: np.ndarray  # per label: positives (not ignored) among the protocol's images
+    curve: tuple[np.ndarray, np.ndarray]  # micro precision, recall
+
+
+def _protocol_rows(truth: GroundTruth, cols: np.ndarray, n_images: int, with_a_positive_only: bool) -> np.ndarray:
+    """The images a protocol scores: all, or (zero-shot protocols) those with a positive among its labels."""
+    if not with_a_positive_only:
+        return np.arange(n_images)
+    kept = []
+    for start in range(0, n_images, IMAGES_PER_CHUNK):
+        pos, ign = truth.dense(np.arange(start, min(start + IMAGES_PER_CHUNK, n_images)), cols)
+        kept.append(start + np.flatnonzero((pos & ~ign).any(axis=1)))
+    return np.concatenate(kept)
+
+
+def _score_method(method: str, scorer: Scorer, truth: GroundTruth, selections: list[Selection],
+                  write_scores: Callable[[str, np.ndarray, np.ndarray], None]) -> list[MethodResult]:
+    """One method on every protocol. One pass over chunks of images scores every label once: scores.parquet's
+    rows, and each protocol's F1@K (pooled counts add up) and score range. Then, per protocol, AP and the PR
+    curve over blocks of labels, each block scored for all the protocol's images."""
+    n_images = len(scorer.features)
+    all_cols = np.arange(len(scorer.label_emb))
+    members = []
+    for selection in selections:
+        member = np.zeros(n_images, dtype=bool)
+        member[selection.rows] = True
+        members.append(member)
+    counts = [{k: np.zeros(3, dtype=np.int64) for k in sel.protocol.ks} for sel in selections]
+    ranges = [[np.inf, -np.inf] for _ in selections]
+    for start in range(0, n_images, IMAGES_PER_CHUNK):
+        rows = np.arange(start, min(start + IMAGES_PER_CHUNK, n_images))
+        chunk_scores = scorer.scores(rows, all_cols)
+        write_scores(method, rows, chunk_scores)
+        for selection, member, count, score_range in zip(selections, members, counts, ranges, strict=True):
+            keep = member[rows]
+            scores = chunk_scores[np.ix_(keep, selection.cols)]
+            pos, ign = truth.dense(rows[keep], selection.cols)
+            for k in count:
+                count[k] += f1_counts(scores, pos, k, ign)
+            valid = scores[~ign]
+            if valid.size:
+                score_range[:] = min(score_range[0], float(valid.min())), max(score_range[1], float(valid.max()))
+    results = []
+    for selection, count, score_range in zip(selections, counts, ranges, strict=True):
+        curve = MicroPR(*score_range)
+        ap, positives = [], []
+        protocol_images = scorer.of_images(selection.rows)
+        for block in column_blocks(len(selection.cols), LABELS_PER_BLOCK):
+            scores = protocol_images.scores(None, selection.cols[block])
+            pos, ign = truth.dense(selection.rows, selection.cols[block])
+            ap.append(average_precision(scores, pos, ign))
+            curve.add(scores, pos, ign)
+            positives.append((pos & ~ign).sum(axis=0))
+        ap_all = np.concatenate(ap)
+        metrics = {"mAP": mean_average_precision(ap_all)}
+        for k in selection.protocol.ks:
+            metrics.update(f1_from_counts(count[k], k))
+        results.append(MethodResult(metrics, ap_all, np.concatenate(positives), curve.curve()))
+    return results
 
 
 def _protocols(dataset: str, info: dict[str, Any], vocabulary: list[str]) -> list[tuple[Protocol, list[str]]]:
@@ -156,28 +274,63 @@ def _score_labels(protocols: list[tuple[Protocol, list[str]]]) -> list[str]:
     return list(dict.fromkeys(label for _, protocol_labels in ordered for label in protocol_labels))
 
 
-def ground_truth(items: pa.Table, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(positives, ignored) [n_items, n_labels] from items.parquet's label lists, without a per-row loop.
+@dataclass(frozen=True)
+class GroundTruth:
+    """Each image's positive, negative and ignored labels, sparse; dense only for the rows x columns asked for."""
 
-    A row with an explicit negatives list leaves every label in none of its lists unknown, i.e. ignored.
-    """
-    marks = {name: multi_hot(items[name], labels)[0] for name in ("positives", "negatives", "ignored")}
+    positives: LabelSets
+    negatives: LabelSets
+    ignored: LabelSets
+    has_negatives: np.ndarray  # [images] bool: the row lists its negatives explicitly (Open Images)
+
+    def dense(self, rows: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positives, ignored) [rows, columns]. A row with an explicit negatives list leaves every label in none
+        of its lists unknown, i.e. ignored."""
+        positives = self.positives.dense(rows, columns)
+        unknown = self.has_negatives[rows, None] & ~positives & ~self.negatives.dense(rows, columns)
+        return positives, self.ignored.dense(rows, columns) | unknown
+
+
+def ground_truth(items: pa.Table, labels: list[str]) -> GroundTruth:
+    """items.parquet's label lists against `labels` (names outside it are left out), without a per-row loop."""
+    marks = {name: LabelSets.from_lists(items[name], labels)[0] for name in ("positives", "negatives", "ignored")}
     has_negatives = pc.is_valid(items["negatives"]).to_numpy(zero_copy_only=False)
-    unknown = has_negatives[:, None] & ~marks["positives"] & ~marks["negatives"]
-    return marks["positives"], marks["ignored"] | unknown
+    return GroundTruth(marks["positives"], marks["negatives"], marks["ignored"], has_negatives)
 
 
-def _scores_table(image_ids: pa.ChunkedArray, scores: dict[str, np.ndarray]) -> pa.Table:
-    """One row per image and method; scores in score-label order (the largest protocol's)."""
-    n, n_labels = scores[METHODS[0]].shape
-    values = np.concatenate([scores[m].astype(np.float32).ravel() for m in METHODS])
-    offsets = pa.array(np.arange(0, len(values) + 1, n_labels, dtype=np.int64), pa.int64())
-    return pa.table({
-        "image_id": pa.concat_arrays([image_ids.combine_chunks()] * len(METHODS)),
-        "method": pa.array([m for m in METHODS for _ in range(n)], pa.string()),
-        "scores": pa.LargeListArray.from_arrays(offsets, pa.array(values, pa.float32())).cast(
-            pa.list_(pa.float32())),
-    })
+SCORES_SCHEMAS = {
+    "top": pa.schema([("image_id", pa.string()), ("method", pa.string()), ("labels", pa.list_(pa.string())),
+                      ("scores", pa.list_(pa.float32()))]),
+    "all": pa.schema([("image_id", pa.string()), ("method", pa.string()), ("scores", pa.list_(pa.float32()))]),
+}
+
+
+@contextlib.contextmanager
+def _scores_writer(path: Path, image_ids: pa.Array, score_labels: list[str],
+                   keep: str) -> Iterator[Callable[[str, np.ndarray, np.ndarray], None]]:
+    """scores.parquet, one row per image and method, written chunk by chunk: with keep='top' each image's
+    TOP_SCORES best labels, best first (ties: the earlier score label); with 'all' every score in score-label
+    order (the largest protocol's)."""
+    names = pa.array(score_labels, pa.string())
+
+    def write(method: str, rows: np.ndarray, scores: np.ndarray) -> None:
+        table = {"image_id": image_ids.take(pa.array(rows)), "method": pa.array([method] * len(rows), pa.string())}
+        if keep == "top":
+            k = min(TOP_SCORES, len(score_labels))
+            best = np.nonzero(top_k_mask(scores, k))[1].reshape(len(rows), k)
+            best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1,
+                                                       kind="stable"), axis=1)
+            table["labels"] = _lists(names.take(pa.array(best.ravel())), k)
+            scores = np.take_along_axis(scores, best, axis=1)
+        table["scores"] = _lists(pa.array(scores.ravel(), pa.float32()), scores.shape[1])
+        writer.write_table(pa.table(table, schema=SCORES_SCHEMAS[keep]))
+
+    with atomic.atomic_path(path) as tmp, pq.ParquetWriter(tmp, SCORES_SCHEMAS[keep]) as writer:
+        yield write
+
+
+def _lists(values: pa.Array, width: int) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, width, dtype=np.int32)), values)
 
 
 def _json_float(value: float) -> float | None:

@@ -18,16 +18,18 @@ import torch
 from ovml.pipeline import atomic, losses
 from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb, save_adapter
 from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY, caption_parts
-from ovml.pipeline.clip import pick_device
 from ovml.pipeline.config import as_params, not_fingerprinted
+from ovml.pipeline.device import pick_device
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.metrics import average_precision, mean_average_precision
+from ovml.pipeline.label_sets import LabelSets
+from ovml.pipeline.metrics import average_precision, column_blocks, mean_average_precision
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
-from ovml.pipeline.text_embeddings import embedding_matrix, read_text_embeddings, text_embedding_parts
-from ovml.pipeline.vocabulary import multi_hot, read_vocabulary_json
+from ovml.pipeline.text_embeddings import STORE_DTYPES, embedding_matrix, read_text_embeddings, text_embedding_parts
+from ovml.pipeline.vocabulary import read_vocabulary_json
 
 LOSSES = {"asl": losses.asl, "bce": losses.bce, "rank": losses.rank}
+VAL_LABELS_PER_BLOCK = 64  # AP's working set is a few [held-out captions, block] arrays: 26 MB each at 100k
 TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("val_mAP", pa.float64()),
                               ("lr", pa.float64()), ("seconds", pa.float64())])
 
@@ -53,13 +55,17 @@ class TrainAdapterConfig:
     val_fraction: float = 0.1
     patience: int = 3
     seed: int = 0
+    store_dtype: Literal["float32", "float16"] = "float32"
     force: bool = not_fingerprinted(False)
 
 
 @dataclass
 class TrainingData:
-    embeddings: torch.Tensor  # [n, d] caption embeddings
-    targets: torch.Tensor  # [n, L] bool, columns in vocabulary order
+    """Memory proportional to the data: one embedding matrix, and label indices rather than [n, L] targets."""
+
+    embeddings: torch.Tensor  # [m, d] text_emb/ rows in part order, float32 or float16 (--store-dtype)
+    rows: torch.Tensor  # [n] int64: caption i's row in embeddings
+    targets: LabelSets  # n captions, columns in vocabulary order; densified one batch at a time
     label_emb: torch.Tensor  # [L, d]
     vocabulary: list[str]
     label_templates: str  # the prompt kind embed-text used for label_emb; eval and predict must use it too
@@ -77,7 +83,7 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
               run_dir / VOCABULARY]
 
     def body(out: Path, resume: bool) -> dict:
-        return _train(cfg, out, _read_training_data(run_dir))
+        return _train(cfg, out, _read_training_data(run_dir, cfg.store_dtype))
 
     return run_stage(run_dir, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
                      force=cfg.force, models={"clip": cfg.clip})
@@ -101,6 +107,8 @@ def _check(cfg: TrainAdapterConfig) -> None:
             raise OvmlError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise OvmlError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.store_dtype not in STORE_DTYPES:
+        raise OvmlError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, got '{cfg.store_dtype}'")
 
 
 def _check_clip_matches_embeddings(run_dir: RunDir, clip: str) -> None:
@@ -111,8 +119,8 @@ def _check_clip_matches_embeddings(run_dir: RunDir, clip: str) -> None:
                         f"pass --clip {made_with} (or re-run embed-text with --clip {clip})")
 
 
-def _read_training_data(run_dir: RunDir) -> TrainingData:
-    """Captions' verified labels as targets, joined to their text embeddings by caption_id."""
+def _read_training_data(run_dir: RunDir, store_dtype: str) -> TrainingData:
+    """Captions' verified labels as targets, joined to their text embeddings by caption_id (no copy of them)."""
     vocabulary = read_vocabulary_json(run_dir / VOCABULARY)
     labels = atomic.read_parquet(run_dir / TRAIN_LABELS, f"ovml embed-text --force --run-dir {run_dir.path}",
                                  columns=["label", "embedding"])
@@ -125,8 +133,8 @@ def _read_training_data(run_dir: RunDir) -> TrainingData:
         raise OvmlError(f"no captions (part-*.parquet) in {run_dir / CAPTIONS}; run `ovml generate-text` first")
     captions = pa.concat_tables(atomic.read_parquet(p, f"ovml generate-text --run-dir {run_dir.path}",
                                                     columns=["caption_id", "labels"]) for p in parts)
-    text_ids, text_emb = read_text_embeddings(run_dir / TEXT_EMB)
-    row = pc.index_in(captions.column("caption_id"), value_set=pa.array(text_ids, pa.string()))
+    text_ids, text_emb = read_text_embeddings(run_dir / TEXT_EMB, store_dtype)
+    row = pc.index_in(captions.column("caption_id"), value_set=text_ids.combine_chunks())
     if row.null_count:
         raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
                         f"`ovml embed-text --run-dir {run_dir.path}`")
@@ -134,13 +142,13 @@ def _read_training_data(run_dir: RunDir) -> TrainingData:
     if label_emb.shape[1] != text_emb.shape[1]:
         raise OvmlError(f"label embeddings are {label_emb.shape[1]}-d but text embeddings {text_emb.shape[1]}-d; "
                         f"re-run `ovml embed-text --force --run-dir {run_dir.path}`")
-    return TrainingData(torch.from_numpy(text_emb[row.to_numpy()]),
-                        torch.from_numpy(_targets(captions.column("labels"), vocabulary)),
-                        torch.from_numpy(label_emb), vocabulary, label_templates)
+    return TrainingData(torch.from_numpy(text_emb), torch.from_numpy(row.to_numpy().astype(np.int64)),
+                        _targets(captions.column("labels"), vocabulary), torch.from_numpy(label_emb), vocabulary,
+                        label_templates)
 
 
-def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
-    targets, unknown = multi_hot(labels, vocabulary)
+def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> LabelSets:
+    targets, unknown = LabelSets.from_lists(labels, vocabulary)
     if unknown:
         raise OvmlError(f"captions name labels outside captions/vocabulary.json (e.g. {unknown[:3]}); "
                         "re-run generate-text so both come from the same vocabulary")
@@ -150,12 +158,12 @@ def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
 def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    order = np.random.default_rng(cfg.seed).permutation(len(data.embeddings))
+    order = np.random.default_rng(cfg.seed).permutation(len(data.rows))
     n_val = round(cfg.val_fraction * len(order))
     val, train = torch.from_numpy(order[:n_val]), torch.from_numpy(order[n_val:])
     if len(train) == 0:
         raise OvmlError(f"no captions left to train on after holding out --val-fraction {cfg.val_fraction}")
-    x_all, y_all = data.embeddings.to(device), data.targets.to(device)
+    x_all, rows = data.embeddings.to(device), data.rows.to(device)
     label_emb = data.label_emb.to(device)
     config = AdapterConfig(
         dim=int(x_all.shape[1]), clip=cfg.clip, vocabulary=data.vocabulary, label_templates=data.label_templates,
@@ -163,7 +171,8 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
         training={"noise": cfg.noise, "renorm": cfg.renorm, "loss": cfg.loss, "seed": cfg.seed,
                   "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs,
-                  "val_fraction": cfg.val_fraction, "patience": cfg.patience, "captions": len(order)},
+                  "val_fraction": cfg.val_fraction, "patience": cfg.patience, "store_dtype": cfg.store_dtype,
+                  "captions": len(order)},
         ovml_version=metadata.version("ovml"),
     )
     model = Adapter(config).to(device)
@@ -183,16 +192,16 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
             model.train()
             total = 0.0
             for batch in train[torch.randperm(len(train), generator=shuffle_rng)].split(cfg.batch_size):
-                batch = batch.to(device)
-                x = perturb(x_all[batch], cfg.noise, cfg.renorm, noise_rng)
-                loss = loss_fn(model(x, label_emb), y_all[batch].float())
+                x = perturb(x_all[rows[batch.to(device)]].float(), cfg.noise, cfg.renorm, noise_rng)
+                y = torch.from_numpy(data.targets.dense(batch.numpy())).to(device).float()
+                loss = loss_fn(model(x, label_emb), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 total += loss.item() * len(batch)
                 progress.advance(task, len(batch))
-            val_map = _validation_map(model, x_all[val.to(device)], y_all[val.to(device)], label_emb)
+            val_map = _validation_map(model, x_all, rows[val.to(device)], data.targets, val.numpy(), label_emb)
             log.append({"epoch": epoch, "loss": total / len(train), "val_mAP": val_map,
                         "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             progress.update(task, description=f"epoch {epoch}/{cfg.epochs} loss {log[-1]['loss']:.4g} "
@@ -219,9 +228,19 @@ def _warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _validation_map(model: Adapter, x: torch.Tensor, y: torch.Tensor, label_emb: torch.Tensor) -> float:
-    """Text-side mAP on held-out captions, without noise: the early-stopping signal (NaN without a split)."""
-    if len(x) == 0:
+@torch.inference_mode()
+def _validation_map(model: Adapter, x_all: torch.Tensor, x_rows: torch.Tensor, targets: LabelSets,
+                    captions: np.ndarray, label_emb: torch.Tensor) -> float:
+    """Text-side mAP on held-out captions, without noise: the early-stopping signal (NaN without a split).
+
+    Scored a block of labels at a time, so memory is a few [captions, block], never [captions, labels]."""
+    if len(x_rows) == 0:
         return math.nan
     model.eval()
-    return mean_average_precision(average_precision(model.score(x, label_emb), y.cpu().numpy()))
+    h = torch.empty((len(x_rows), x_all.shape[1]), dtype=torch.float32, device=x_all.device)
+    for start in range(0, len(x_rows), 8192):  # features of the held-out rows, never a copy of their embeddings
+        h[start:start + 8192] = model.features(x_all[x_rows[start:start + 8192]].float())
+    ap = [average_precision(model.logits(h, label_emb[torch.from_numpy(cols).to(label_emb.device)]).cpu().numpy(),
+                            targets.dense(captions, cols))
+          for cols in column_blocks(len(label_emb), VAL_LABELS_PER_BLOCK)]
+    return mean_average_precision(np.concatenate(ap))

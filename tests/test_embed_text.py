@@ -78,7 +78,7 @@ def test_reading_back_gives_ids_in_part_order_and_one_contiguous_float32_matrix(
     embed_text(config(tmp_path, tiny_clip))
     ids, matrix = read_text_embeddings(tmp_path / "text_emb")
     all_texts = [text for texts in PARTS.values() for text in texts]
-    assert ids == [f"{name[5:10]}-{i}" for name, texts in PARTS.items() for i in range(len(texts))]
+    assert ids.to_pylist() == [f"{name[5:10]}-{i}" for name, texts in PARTS.items() for i in range(len(texts))]
     assert matrix.dtype == np.float32 and matrix.flags["C_CONTIGUOUS"]
     np.testing.assert_allclose(matrix, open_clip_reference(tiny_clip, all_texts), atol=1e-5)
 

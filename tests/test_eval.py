@@ -14,9 +14,10 @@ from helpers import build_adapter, build_cache
 from ovml.pipeline.adapter import load_adapter
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import ITEMS_SCHEMA
+from ovml.pipeline.image_cache import ITEMS_SCHEMA, read_image_cache
 from ovml.pipeline.label_embeddings import label_embeddings
-from ovml.pipeline.metrics import average_precision
+from ovml.pipeline.metrics import average_precision, evaluate_scores
+from ovml.stages import evaluate as evaluate_module
 from ovml.stages.evaluate import EvalConfig, evaluate, ground_truth
 
 NUSWIDE_LABELS = ["sky", "dog", "beach", "car", "tree", "boat", "snow", "person"]
@@ -85,9 +86,9 @@ def test_report_md_starts_by_saying_the_clip_weights_were_random(nuswide_run, ti
     assert tiny_clip in markdown and "| adapter |" in markdown and "| zero-shot |" in markdown
 
 
-def test_scores_parquet_has_a_row_per_image_and_method_in_the_largest_protocol_order(nuswide_run, tiny_clip):
+def test_save_scores_all_keeps_a_row_per_image_and_method_in_the_largest_protocol_order(nuswide_run, tiny_clip):
     run_dir, positives = nuswide_run
-    run_eval(run_dir, tiny_clip)
+    run_eval(run_dir, tiny_clip, save_scores="all")
     scores = pq.read_table(run_dir / "eval/nuswide/scores.parquet")
     assert scores.schema.field("scores").type == pa.list_(pa.float32())
     assert scores.num_rows == 2 * len(positives)
@@ -100,7 +101,7 @@ def test_zero_shot_scores_are_cosines_of_image_and_prompt_pool_label_embeddings(
     labels = ["cat", "dog", "bird"]
     vectors = build_cache(run_dir, tiny_clip, "folder", labels, {"all": labels}, np.eye(3, dtype=bool)[[0, 1, 2, 0]])
     build_adapter(run_dir, tiny_clip)
-    run_eval(run_dir, tiny_clip, dataset="folder")
+    run_eval(run_dir, tiny_clip, dataset="folder", save_scores="all")
     scores = pq.read_table(run_dir / "eval/folder/scores.parquet").to_pylist()
     zero_shot = np.array([row["scores"] for row in scores if row["method"] == "zero-shot"])
     expected = vectors @ label_embeddings(load_clip(tiny_clip), labels).T
@@ -112,7 +113,7 @@ def test_an_adapter_trained_on_single_template_labels_is_scored_against_single_t
     labels = ["cat", "dog", "bird"]
     vectors = build_cache(run_dir, tiny_clip, "folder", labels, {"all": labels}, np.eye(3, dtype=bool)[[0, 1, 2, 0]])
     build_adapter(run_dir, tiny_clip, label_templates="single")
-    run_eval(run_dir, tiny_clip, dataset="folder")
+    run_eval(run_dir, tiny_clip, dataset="folder", save_scores="all")
     scores = pq.read_table(run_dir / "eval/folder/scores.parquet").to_pylist()
     adapter_scores = np.array([row["scores"] for row in scores if row["method"] == "adapter"])
     adapter, _ = load_adapter(run_dir / "adapter", tiny_clip, load_clip(tiny_clip).dim)
@@ -143,6 +144,46 @@ def test_no_unseen_protocol_when_the_adapter_was_trained_on_every_label(tmp_path
     assert list(json.loads((run_dir / "eval/folder/report.json").read_text())["protocols"]) == ["all"]
 
 
+def test_scores_parquet_keeps_each_images_best_labels_best_first_by_default(nuswide_run, tiny_clip, monkeypatch):
+    run_dir, positives = nuswide_run
+    run_eval(run_dir, tiny_clip, save_scores="all")
+    every = pq.read_table(run_dir / "eval/nuswide/scores.parquet").to_pylist()
+    monkeypatch.setattr(evaluate_module, "TOP_SCORES", 3)
+    run_eval(run_dir, tiny_clip, force=True)
+    top = pq.read_table(run_dir / "eval/nuswide/scores.parquet").to_pylist()
+    assert [(r["image_id"], r["method"]) for r in top] == [(r["image_id"], r["method"]) for r in every]
+    for row, full in zip(top, every, strict=True):
+        best = np.argsort(-np.array(full["scores"]), kind="stable")[:3]
+        assert row["labels"] == [NUSWIDE_LABELS[i] for i in best]
+        np.testing.assert_array_equal(row["scores"], np.array(full["scores"], np.float32)[best])
+
+
+def test_streamed_metrics_equal_the_whole_matrix_metrics(nuswide_run, tiny_clip, monkeypatch):
+    run_dir, positives = nuswide_run
+    monkeypatch.setattr(evaluate_module, "IMAGES_PER_CHUNK", 7)
+    monkeypatch.setattr(evaluate_module, "LABELS_PER_BLOCK", 3)
+    run_eval(run_dir, tiny_clip)
+    report = json.loads((run_dir / "eval/nuswide/report.json").read_text())
+    encoder = load_clip(tiny_clip)
+    vectors = read_image_cache(run_dir / "images/nuswide")[0]
+    adapter, _ = load_adapter(run_dir / "adapter", tiny_clip, encoder.dim)
+    label_emb = torch.from_numpy(label_embeddings(encoder, NUSWIDE_LABELS))
+    whole = {"adapter": adapter.score(torch.from_numpy(vectors), label_emb), "zero-shot": vectors @ label_emb.numpy().T}
+    for name, labels in (("GZSL", NUSWIDE_LABELS), ("ZSL", UNSEEN)):
+        cols = [NUSWIDE_LABELS.index(label) for label in labels]
+        rows = positives[:, cols].any(axis=1)
+        for method, scores in whole.items():
+            expected, _ = evaluate_scores(scores[rows][:, cols], positives[rows][:, cols], None, (3, 5))
+            assert report["protocols"][name]["metrics"][method] == {k: round(v, 6) for k, v in expected.items()}
+
+
+def test_an_unknown_save_scores_is_a_one_line_error(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    with pytest.raises(OvmlError, match="--save-scores must be top") as error:
+        run_eval(run_dir, tiny_clip, save_scores="some")
+    assert "\n" not in str(error.value)
+
+
 def test_eval_leaves_embed_texts_labels_folder_alone(nuswide_run, tiny_clip):
     run_dir, _ = nuswide_run
     run_eval(run_dir, tiny_clip)
@@ -152,7 +193,7 @@ def test_eval_leaves_embed_texts_labels_folder_alone(nuswide_run, tiny_clip):
 
 def test_per_label_ap_matches_the_metrics_on_the_scores(nuswide_run, tiny_clip):
     run_dir, positives = nuswide_run
-    run_eval(run_dir, tiny_clip)
+    run_eval(run_dir, tiny_clip, save_scores="all")
     per_label = pq.read_table(run_dir / "eval/nuswide/per_label.parquet").to_pylist()
     scores = pq.read_table(run_dir / "eval/nuswide/scores.parquet").to_pylist()
     adapter = np.array([row["scores"] for row in scores if row["method"] == "adapter"])
@@ -209,7 +250,7 @@ def test_open_images_unknown_labels_are_ignored():
         {"row": 0, "image_id": "a", "path": "a.jpg", "positives": ["cat"], "negatives": ["dog"], "ignored": []},
         {"row": 1, "image_id": "b", "path": "b.jpg", "positives": ["dog"], "negatives": None, "ignored": ["bird"]},
     ], schema=ITEMS_SCHEMA)
-    positives, ignored = ground_truth(items, ["cat", "dog", "bird"])
+    positives, ignored = ground_truth(items, ["cat", "dog", "bird"]).dense(np.arange(2), np.arange(3))
     assert positives.tolist() == [[True, False, False], [False, True, False]]
     assert ignored.tolist() == [[False, False, True], [False, False, True]]
 

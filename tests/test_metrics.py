@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from ovml.pipeline.metrics import average_precision, evaluate_scores, f1_at_k, mean_average_precision, top_k_mask
+from ovml.pipeline.metrics import (
+    MicroPR,
+    average_precision,
+    column_blocks,
+    evaluate_scores,
+    f1_at_k,
+    f1_counts,
+    f1_from_counts,
+    mean_average_precision,
+    micro_pr_curve,
+    top_k_mask,
+)
 
 
 def _random_problem(seed: int, n: int = 120, n_labels: int = 17, levels: int | None = None):
@@ -102,3 +113,31 @@ def test_evaluate_scores_reports_map_and_each_k():
 def test_non_finite_scores_are_rejected():
     with pytest.raises(ValueError, match="finite"):
         average_precision(np.array([[np.nan]]), np.array([[True]]))
+
+
+def test_f1_counts_summed_over_chunks_of_images_give_the_whole_matrix_f1():
+    rng = np.random.default_rng(3)
+    scores, positives = rng.random((100, 12)).astype(np.float32), rng.random((100, 12)) < 0.2
+    ignored = rng.random((100, 12)) < 0.1
+    counts = sum(f1_counts(scores[s:s + 7], positives[s:s + 7], 3, ignored[s:s + 7]) for s in range(0, 100, 7))
+    assert f1_from_counts(counts, 3) == f1_at_k(scores, positives, 3, ignored)
+
+
+def test_ap_over_column_blocks_is_the_ap_of_the_whole_matrix():
+    rng = np.random.default_rng(4)
+    scores, positives = rng.random((80, 30)).astype(np.float32), rng.random((80, 30)) < 0.15
+    ignored = rng.random((80, 30)) < 0.1
+    blocks = column_blocks(30, 8)
+    assert [len(b) for b in blocks] == [8, 8, 8, 6]
+    by_blocks = np.concatenate([average_precision(scores[:, b], positives[:, b], ignored[:, b]) for b in blocks])
+    np.testing.assert_array_equal(by_blocks, average_precision(scores, positives, ignored))
+
+
+def test_micro_pr_accumulated_over_blocks_is_the_whole_matrix_curve():
+    rng = np.random.default_rng(5)
+    scores, positives = rng.random((60, 20)).astype(np.float32), rng.random((60, 20)) < 0.2
+    curve = MicroPR(float(scores.min()), float(scores.max()))
+    for block in column_blocks(20, 6):
+        curve.add(scores[:, block], positives[:, block])
+    for got, expected in zip(curve.curve(), micro_pr_curve(scores, positives), strict=True):
+        np.testing.assert_array_equal(got, expected)

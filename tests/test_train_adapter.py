@@ -100,6 +100,29 @@ def test_same_inputs_and_seed_give_byte_identical_weights(tmp_path):
     assert (first / "adapter/model.safetensors").read_bytes() == (second / "adapter/model.safetensors").read_bytes()
 
 
+def test_captions_are_joined_to_their_embeddings_by_id_whatever_the_row_order(tmp_path):
+    rng = np.random.default_rng(5)
+    label_emb = unit(rng.normal(size=(6, 16)))
+    targets = rng.random((300, 6)) < 0.3
+    text = unit(targets @ label_emb + 0.5 * rng.normal(size=(300, 16)))
+    first = write_run(tmp_path / "a", label_emb, text, targets)
+    second = write_run(tmp_path / "b", label_emb, text, targets)
+    shuffled = rng.permutation(300)
+    write_text_embeddings(second / "text_emb/part-00000.parquet", [f"c{i:05d}" for i in shuffled], text[shuffled],
+                          "float32")
+    train_adapter(config(first))
+    train_adapter(config(second))
+    assert (first / "adapter/model.safetensors").read_bytes() == (second / "adapter/model.safetensors").read_bytes()
+
+
+def test_float16_store_dtype_trains_nearly_the_same_adapter_from_half_the_memory(tmp_path):
+    train_adapter(config(small_run(tmp_path / "a")))
+    train_adapter(config(small_run(tmp_path / "b"), store_dtype="float16"))
+    full, half = (json.loads((tmp_path / run / "adapter/config.json").read_text())["training"] for run in "ab")
+    assert half["store_dtype"] == "float16"
+    assert abs(half["best_val_mAP"] - full["best_val_mAP"]) < 0.01
+
+
 def test_another_seed_gives_other_weights(tmp_path):
     run = small_run(tmp_path)
     train_adapter(config(run, seed=1))
@@ -199,7 +222,7 @@ def test_noise_makes_a_text_trained_adapter_transfer_across_a_simulated_modality
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr", "nan"), ("--noise", "inf"), ("--noise", "nan"),
-                                         ("--device", "cuda")])
+                                         ("--device", "cuda"), ("--store-dtype", "int8")])
 def test_a_bad_setting_is_a_one_line_error_that_keeps_the_trained_adapter(tmp_path, flag, value):
     if flag == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

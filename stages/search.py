@@ -1,0 +1,113 @@
+"""search: open-vocabulary image search over a dataset embed-images cached, through the adapter or zero-shot CLIP.
+
+Not a pipeline stage (like predict): it reads the image cache and the adapter and writes only FAISS indexes under
+cache/search/<dataset>/. The query is embedded the way a label is (its prompt-pool average; for the adapter, the
+adapter's label templates), so searching for "dog" ranks images exactly as the "dog" column of eval's scores
+does. Zero-shot searches the image cache's own flat index; the adapter searches its features of every image
+(the adapter's h), indexed once per adapter and image cache and rebuilt when either file's sha256 changes.
+`--index ivf` searches an IVF index instead: approximate, for large caches (recall in docs/benchmarks.md).
+Scores are what predict prints: the cosine for zero-shot, sigmoid(logit) for the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import pyarrow.parquet as pq
+import torch
+
+from ovml.pipeline.adapter import load_adapter
+from ovml.pipeline.artifacts import ADAPTER, ADAPTER_WEIGHTS, image_cache, search_cache
+from ovml.pipeline.atomic import sha256_file
+from ovml.pipeline.clip import load_clip
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.image_cache import flat_index, ivf_index, load_index, read_index, save_index
+from ovml.pipeline.label_embeddings import label_embeddings
+from ovml.pipeline.rundir import RunDir
+
+INDEX_KINDS = ("flat", "ivf")
+
+
+@dataclass
+class SearchConfig:
+    run_dir: Path = Path("runs/default")
+    clip: str = "ViT-B-16:openai"
+    device: str = "auto"
+    query: str = ""
+    dataset: str = "folder"
+    top: int = 10
+    zero_shot: bool = False
+    index: Literal["flat", "ivf"] = "flat"
+    nprobe: int = 32
+
+
+def search(cfg: SearchConfig) -> dict:
+    """{query, dataset, method, index, random_weights, results: [{rank, image_id, path, score}] best first}."""
+    query = " ".join(cfg.query.split())
+    if not query:
+        raise OvmlError('the query is empty; pass what to look for, e.g. `ovml search "a dog on a beach"`')
+    if cfg.top < 1 or cfg.nprobe < 1:
+        raise OvmlError(f"--top and --nprobe must be at least 1, got {cfg.top} and {cfg.nprobe}")
+    if cfg.index not in INDEX_KINDS:
+        raise OvmlError(f"--index must be one of {', '.join(INDEX_KINDS)}, got '{cfg.index}'")
+    run_dir = RunDir(cfg.run_dir)
+    cache = run_dir / image_cache(cfg.dataset)
+    if not (cache / "index.faiss").is_file():
+        raise OvmlError(f"{cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} --root DIR "
+                        f"--run-dir {run_dir.path}` first")
+    embedded_with = json.loads((cache / "dataset.json").read_text(encoding="utf-8"))["clip"]
+    if embedded_with != cfg.clip:
+        raise OvmlError(f"{cache} was embedded with '{embedded_with}', not '{cfg.clip}'; pass --clip {embedded_with}")
+    if not cfg.zero_shot:
+        run_dir.require(ADAPTER, produced_by="train_adapter")
+    encoder = load_clip(cfg.clip, cfg.device)
+    if cfg.zero_shot:
+        method, templates, adapter = "zero-shot", "pool", None
+    else:
+        adapter, adapter_config = load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+        method, templates = "adapter", adapter_config.label_templates
+    query_emb = label_embeddings(encoder, [query], templates)
+    index = _index(run_dir, cfg, adapter)
+    if cfg.index == "ivf":
+        index.nprobe = cfg.nprobe
+    similarity, rows = index.search(query_emb, cfg.top)
+    found = rows[0] >= 0
+    similarity, rows = similarity[0][found], rows[0][found]
+    if adapter is not None:
+        similarity = torch.sigmoid(adapter.scale * torch.from_numpy(similarity) + adapter.bias.detach()).numpy()
+    items = pq.read_table(cache / "items.parquet", columns=["image_id", "path"]).take(rows).to_pylist()
+    return {"query": query, "dataset": cfg.dataset, "method": method, "index": cfg.index,
+            "random_weights": bool(encoder.random_weights),
+            "results": [{"rank": rank, "image_id": item["image_id"], "path": item["path"],
+                         "score": round(float(score), 6)}
+                        for rank, (item, score) in enumerate(zip(items, similarity, strict=True), start=1)]}
+
+
+def _index(run_dir: RunDir, cfg: SearchConfig, adapter) -> faiss.Index:
+    """The FAISS index to search: the image cache's own for flat zero-shot, else one built once and kept in
+    cache/search/<dataset>/, named by the sha256 of what it was built from (so a new adapter or a new image
+    cache makes a new index, and the stale one is deleted)."""
+    images = run_dir / image_cache(cfg.dataset) / "index.faiss"
+    if adapter is None and cfg.index == "flat":
+        return load_index(images)
+    method = "zero-shot" if adapter is None else "adapter"
+    sources = [images] + ([] if adapter is None else [run_dir / ADAPTER_WEIGHTS])
+    key = hashlib.sha256("".join(sha256_file(p) for p in sources).encode()).hexdigest()[:16]
+    directory = run_dir / search_cache(cfg.dataset)
+    path = directory / f"{method}-{cfg.index}-{key}.faiss"
+    if path.is_file():
+        return load_index(path)
+    vectors = read_index(images)
+    if adapter is not None:
+        vectors = adapter.all_features(torch.from_numpy(vectors)).numpy()
+    index = ivf_index(vectors) if cfg.index == "ivf" else flat_index(vectors)
+    save_index(path, index)
+    for stale in directory.glob(f"{method}-{cfg.index}-*.faiss"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return index
