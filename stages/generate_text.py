@@ -10,6 +10,7 @@ apart, so their captions/ folders merge by copying.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -32,6 +33,7 @@ from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
 from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.ray_engine import check_engine, ray_chat, ray_session
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
 from ovml.prompts import read_prompt_file
@@ -78,6 +80,9 @@ class GenerateTextConfig:
     max_rounds: int = not_fingerprinted(20)
     clip: str = "ViT-B-16:openai"
     device: str = not_fingerprinted("auto")
+    engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same parts either way
+    ray_address: str = not_fingerprinted("auto")
+    ray_actors: int = not_fingerprinted(2)
     force: bool = not_fingerprinted(False)
 
 
@@ -103,7 +108,8 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
         del params["clip"]
 
     def body(resume: bool) -> dict:
-        return _generate(cfg, vocabulary, run_dir / CAPTIONS)
+        with ray_session(cfg.ray_address) if cfg.engine == "ray" else contextlib.nullcontext():  # one for all rounds
+            return _generate(cfg, vocabulary, run_dir / CAPTIONS)
 
     return run_stage(run_dir, "generate_text", params=params, inputs=inputs, outputs=[CAPTIONS], body=body,
                      force=cfg.force, models=models)
@@ -119,6 +125,7 @@ def _check(cfg: GenerateTextConfig) -> None:
                         f"got {cfg.shard_index}")
     if cfg.part_size < 1 or cfg.max_rounds < 1:
         raise OvmlError("--part-size and --max-rounds must be at least 1")
+    check_engine(cfg.engine, cfg.ray_actors)
     if cfg.sampling == "cooccurrence" and not (cfg.cooccurrence and Path(cfg.cooccurrence).is_file()):
         raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE (a tag file, one image per line, "
                         f"labels separated by commas); got {cfg.cooccurrence!r}")
@@ -357,24 +364,72 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) ->
             rng = np.random.default_rng([cfg.seed, cfg.shard_index, round_index])
             plan = _plan_round(tally, target, sampler, list(prompts.variants), cfg, rng)
             progress.update(task, total=progress.tasks[task].total + len(plan))
-            for start in range(0, len(plan), cfg.part_size):
-                chunk = plan[start:start + cfg.part_size]
-                path = out_dir / part_name(part * cfg.num_shards + cfg.shard_index)
+            chunks = [plan[start:start + cfg.part_size] for start in range(0, len(plan), cfg.part_size)]
+            paths = [out_dir / part_name((part + k) * cfg.num_shards + cfg.shard_index) for k in range(len(chunks))]
+            missing = {k: chunk for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)) if not path.exists()}
+            on_ray = _RayRound(cfg, prompts, missing) if cfg.engine == "ray" else None
+            for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):
                 if path.exists():
                     table = _read_part(path)
                     kept_on_disk += table.num_rows
                     progress.update(task, advance=len(chunk), kept=kept_on_disk + kept_here)
                 else:
-                    backend = backend or open_backend(cfg.backend, cfg.model, cfg.base_url, Sampling(
-                        cfg.temperature, cfg.top_p, cfg.max_tokens), cfg.concurrency, cfg.extra_body)
-                    table = _generate_part(chunk, part, cfg, backend, prompts, matcher, tally.seen_texts, on_answer)
+                    backend = on_ray.answers(k) if on_ray else backend or open_backend(
+                        cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body)
+                    table = _generate_part(chunk, part + k, cfg, backend, prompts, matcher, tally.seen_texts,
+                                           on_answer)
                     atomic.write_parquet(path, table)
                 tally.add_part(table)
-                part += 1
+            part += len(chunks)
+            if on_ray:
+                on_ray.close()
     summary = tally.summary(round_index, part)
     if getattr(backend, "dialect", None):  # the structured-output dialect the OpenAI-compatible server took
         summary["structured_output"] = backend.dialect
     return summary
+
+
+def _sampling(cfg: GenerateTextConfig) -> Sampling:
+    return Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens)
+
+
+class _RayRound:
+    """A round's missing parts generated on Ray all at once, handed to the part loop in plan order.
+
+    Actors only generate; verification and dedup stay in the part loop, part after part, so the kept
+    captions are those of the local engine. Answers that arrive early wait here for their turn.
+    """
+
+    def __init__(self, cfg: GenerateTextConfig, prompts: CaptionPrompts, chunks: dict[int, list[PlannedPrompt]]):
+        requests = {k: [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in chunk]
+                    for k, chunk in chunks.items()}
+        self._stream = ray_chat(requests, cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency,
+                                cfg.extra_body, address=cfg.ray_address, actors=cfg.ray_actors) if requests else None
+        self._arrived: dict[int, _Answers] = {}
+        self.backend = cfg.backend
+
+    def answers(self, k: int) -> _Answers:
+        while k not in self._arrived:
+            unit, raw, model, dialect = next(self._stream)
+            self._arrived[unit] = _Answers(self.backend, model, raw, dialect)
+        return self._arrived.pop(k)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+
+@dataclass
+class _Answers:
+    """One part's answers from Ray, in the shape of an LlmBackend for `_generate_part`."""
+
+    name: str
+    model: str
+    raw: list[str]
+    dialect: str | None
+
+    def complete(self, requests: list[ChatRequest]):
+        return iter(self.raw)
 
 
 def _stalled(tally: ShardTally, target: int, cfg: GenerateTextConfig) -> OvmlError:
