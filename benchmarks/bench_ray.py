@@ -68,6 +68,24 @@ def driver_images_per_s(dim: int, batch: int, chunks: int, workdir: Path) -> flo
     return chunks * batch / (time.perf_counter() - start)
 
 
+def decode_images_per_s(clip: str, csv_file: Path) -> float:
+    """JPEG decode + CLIP preprocessing on one core: what an actor does before its model sees a chunk."""
+    from ovml.pipeline.clip import load_clip
+    from ovml.pipeline.datasets import read_dataset
+    from ovml.stages.embed_images import _Pixels
+
+    records = read_dataset("folder", csv_file).records
+    pixels = _Pixels(records, list(range(len(records))), load_clip(clip, "cpu").preprocess)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for i in range(len(records)):
+        pixels[i]
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return len(records) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", default="ViT-B-32:random")
@@ -76,7 +94,14 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=16, help="captions parts of 64 rows for embed-text")
     parser.add_argument("--labels", type=int, default=10, help="labels for generate-text, 2 captions each")
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--only-ceilings", action="store_true", help="just the driver and decode rates")
     args = parser.parse_args()
+    if args.only_ceilings:
+        with tempfile.TemporaryDirectory() as tmp:
+            csv_file = write_photos(Path(tmp), args.images)
+            print(f"driver: {driver_images_per_s(512, 64, 200, Path(tmp)):,.0f} images/s; "
+                  f"decode on one core: {decode_images_per_s(args.clip, csv_file):.0f} images/s")
+        return
 
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), ray {ray.__version__}, {args.actors} actors, {args.clip}")
@@ -111,11 +136,13 @@ def main() -> None:
             rows.append(f"| {name} | {work_text} | {local_s:.1f} | {ray_s:.1f} | {ray_s - local_s:+.1f} | "
                         f"{units / local_s:.2f} | {units / ray_s:.2f} | {'yes' if same else 'NO'} |")
         driver = driver_images_per_s(512, 64, 200, work)
+        decode = decode_images_per_s(args.clip, csv_file)
     ray.shutdown()
     print("| stage | work | local s | ray s | ray - local s | local units/s | ray units/s | same bytes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print(f"\ndriver alone, writing chunk files of 64 x 512 float32: {driver:,.0f} images/s")
+    print(f"one core, JPEG decode + CLIP preprocessing (an actor's CPU share): {decode:.0f} images/s")
 
 
 if __name__ == "__main__":

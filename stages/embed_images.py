@@ -6,6 +6,7 @@ killed run loses at most one batch; the last step assembles the cache and drops 
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,24 +126,31 @@ def _chunks_locally(cfg: EmbedImagesConfig, records: list[Record], todo: list[in
 def _chunks_on_ray(cfg: EmbedImagesConfig, dataset: Dataset, batches: list[list[int]]):
     """The same (first row, chunk table) pairs, from CLIP actors; each actor reads the dataset itself."""
     items = [{UNIT: rows[0], "rows": rows} for rows in batches]
-    worker_args = (cfg.clip, cfg.device, dataset.name, str(dataset.root), cfg.mosaic, cfg.limit)
+    worker_args = (cfg.clip, cfg.device, dataset.name, str(dataset.root), cfg.mosaic, cfg.limit, cfg.workers)
     for first_row, table in ray_map(items, {rows[0]: len(rows) for rows in batches}, ImageChunkWorker, worker_args,
                                     address=cfg.ray_address, actors=cfg.ray_actors, device=cfg.device):
         yield first_row, pa.table([table[name].combine_chunks() for name in CHUNK_COLUMNS], names=CHUNK_COLUMNS)
 
 
 class ImageChunkWorker:
-    """A Ray actor: CLIP loaded once, then batches of row numbers -> the chunk tables the local engine writes."""
+    """A Ray actor: CLIP loaded once, then batches of row numbers -> the chunk tables the local engine writes.
 
-    def __init__(self, clip: str, device: str, dataset: str, root: str, mosaic: int, limit: int | None):
+    It decodes its images with `workers` threads (decoding and resizing release the GIL), the actor's
+    counterpart of the local engine's DataLoader workers: one core decodes far fewer images than a GPU embeds.
+    """
+
+    def __init__(self, clip: str, device: str, dataset: str, root: str, mosaic: int, limit: int | None,
+                 workers: int):
         self.encoder = load_clip(clip, device)
         self.records = read_dataset(dataset, root, mosaic=mosaic).records[:limit]
+        self.decoders = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = []
         for unit, rows in zip(batch[UNIT].to_pylist(), batch["rows"].to_pylist(), strict=True):
             pixels = _Pixels(self.records, rows, self.encoder.preprocess)
-            table = _embed_chunk(self.encoder, *_collate([pixels[i] for i in range(len(rows))]))
+            table = _embed_chunk(self.encoder, *_collate(list(self.decoders.map(pixels.__getitem__,
+                                                                                range(len(rows))))))
             tables.append(table.append_column(UNIT, pa.array([unit] * len(rows), pa.int64())))
         return pa.concat_tables(tables)
 
