@@ -19,6 +19,7 @@ import helpers
 import pytest
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.ray_engine import ray_map
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 from ovml.stages.embed_text import EmbedTextConfig, embed_text
 from ovml.stages.generate_text import GenerateTextConfig, generate_text
@@ -136,6 +137,28 @@ def test_embed_text_on_ray_resumes_writing_only_the_missing_parts(tmp_path, tiny
     assert (outcome.reason, outcome.summary["resumed_parts"]) == ("resuming an interrupted run", 1)
     assert kept.stat().st_mtime_ns == kept_mtime
     assert tree_bytes(tmp_path / "text_emb") == expected
+
+
+class DiesOnce:
+    """A worker whose process dies in the middle of its first task, as on a lost node."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def __call__(self, batch):
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return batch
+
+
+def test_a_lost_actor_is_restarted_and_its_work_redone(tmp_path, local_ray):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor imports nothing from tests/
+    items = [{"unit": i, "x": i} for i in range(4)]
+    done = dict(ray_map(items, dict.fromkeys(range(4), 1), DiesOnce, (str(tmp_path / "died"),), address="auto",
+                        actors=1))
+    assert (tmp_path / "died").exists()
+    assert {unit: table["x"].to_pylist() for unit, table in done.items()} == {i: [i] for i in range(4)}
 
 
 def test_an_error_inside_an_actor_reaches_the_user_as_one_line(tmp_path, local_ray):
