@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ovml.pipeline.config import build_config, read_config_file
-from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.errors import OvmlError, environment_error
 
 app = typer.Typer(
     name="ovml",
@@ -62,6 +62,7 @@ def main(
 def _call_stage(section: str, entry, config_cls, options: dict[str, Any], json_out: bool = False):
     """Build the stage config (file <- flags), run the stage, print its outcome; errors become one line."""
     config_path = options.pop("config", None)
+    cfg = None
     try:
         cfg = build_config(config_cls, section, read_config_file(config_path),
                            options, source=str(config_path or "config"))
@@ -69,11 +70,25 @@ def _call_stage(section: str, entry, config_cls, options: dict[str, Any], json_o
     except OvmlError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:
+        _environment_fault(e, getattr(cfg, "run_dir", None))
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume")
         raise typer.Exit(130) from None
     _print_outcome(outcome, json_out)
     return outcome
+
+
+def _environment_fault(e: OSError, run_dir: Path | None) -> None:
+    """A full disk or an unwritable run directory: one line naming it and the fix; the traceback to a log."""
+    from ovml.pipeline.logs import write_traceback
+
+    error = environment_error(e)
+    if error is None:
+        raise e
+    log = write_traceback(run_dir)
+    err.print(f"[bold red]error:[/] {escape(str(error))} (traceback in {log})", highlight=False, soft_wrap=True)
+    raise typer.Exit(error.exit_code) from None
 
 
 def _print_outcome(outcome, json_out: bool) -> None:
@@ -309,7 +324,14 @@ def run(
     try:
         cfg = build_config(RunConfig, "run", read_config_file(config_path), {"run_dir": run_dir, "json": json_out},
                            source=str(config_path or "config"))
-        code = run(cfg, config_path)
+        try:
+            code = run(cfg, config_path)
+        except OSError as e:  # the run directory itself cannot be locked or logged to
+            from ovml.pipeline.logs import write_traceback
+
+            if environment_error(e) is None:
+                raise
+            raise OvmlError(f"{environment_error(e)} (traceback in {write_traceback(cfg.run_dir)})") from None
     except OvmlError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         if json_out:  # cron parses one JSON line on every exit, a refused start included

@@ -5,7 +5,7 @@
 3. embed-text with the testbed model; embed-images on 2x2 mosaics of the t10k **test** split;
 4. per variant and seed: train-adapter + eval in a copy of the base run, through the real stages;
 5. tables (mean +- std over seeds, zero-shot as the baseline row) for mAP and F1 on `unseen` and `all`,
-   the modality gap of the testbed, and a plot of mAP against sigma -> benchmarks/results/.
+   the modality gap of the testbed, and a plot of mAP against sigma -> docs/accuracy/ (results.json, results.png).
 
 Nothing here is tuned on the test split: every variant is a fixed setting chosen before the run, and all are
 reported. The numbers are the testbed model's, never CLIP's.
@@ -59,12 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--held-out", default="shirt,sneaker,bag",
                         help="classes the captions never mention (the unseen labels)")
-    parser.add_argument("--per-label", type=int, default=40)
+    parser.add_argument("--per-label", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=Path("runs/accuracy"))
     parser.add_argument("--testbed", type=Path, default=TestbedConfig.out)
     parser.add_argument("--root", default=str(FASHION_MNIST_ROOT))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/accuracy/results.json"))
     args = parser.parse_args()
     t0 = time.perf_counter()
 

@@ -1,6 +1,7 @@
 """Where every artifact lives in a run directory: the one module producers and consumers both import.
 
     captions/part-*.parquet, captions/vocabulary.json      generate-text
+    captions/archive/<recipe>/part-*.parquet    captions set aside when the caption recipe changed (never read)
     text_emb/part-*.parquet, labels/train.parquet          embed-text
     adapter/{model.safetensors, config.json, train_log.parquet}   train-adapter
     images/<dataset>/                                      embed-images
@@ -10,6 +11,8 @@
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 CAPTIONS = "captions"
 PART_GLOB = "part-*.parquet"
@@ -21,6 +24,11 @@ ADAPTER_WEIGHTS = "adapter/model.safetensors"
 ADAPTER_CONFIG = "adapter/config.json"
 TRAIN_LOG = "adapter/train_log.parquet"
 LABEL_CACHE = "cache/labels"
+
+
+def caption_parts(root: Path) -> list[Path]:
+    """The caption pool: captions/part-*.parquet, in part order (captions/archive/ is not part of it)."""
+    return sorted((Path(root) / CAPTIONS).glob(PART_GLOB))
 
 
 def part_name(index: int) -> str:

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints the message as one line and exits with the code, no traceback."""
 
+import errno
+
 EXIT_OK = 0
 EXIT_STAGE_FAILED = 1
 EXIT_USAGE = 2
@@ -19,3 +21,20 @@ class OvmlError(Exception):
 
 class RunDirLocked(OvmlError):
     exit_code = EXIT_LOCKED
+
+
+ENVIRONMENT_FIXES = {  # OS errors a user meets in normal operation, and what to do about each
+    errno.ENOSPC: "free disk space, then run the same command again to resume",
+    errno.EDQUOT: "free space within your disk quota, then run the same command again to resume",
+    errno.EROFS: "the filesystem is read-only: pass a writable --run-dir",
+    errno.EACCES: "make it writable for this user or pass another --run-dir",
+    errno.EPERM: "make it writable for this user or pass another --run-dir",
+}
+
+
+def environment_error(e: OSError) -> OvmlError | None:
+    """The one-line error for a full disk or a read-only/foreign run directory; None for any other OSError."""
+    fix = ENVIRONMENT_FIXES.get(e.errno)
+    if fix is None:
+        return None
+    return OvmlError(f"{e.filename or 'a file'}: {e.strerror}; {fix}")

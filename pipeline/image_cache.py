@@ -17,7 +17,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ovml.pipeline import atomic
 from ovml.pipeline.errors import OvmlError
@@ -53,14 +52,31 @@ def read_index(path: Path) -> np.ndarray:
     return index.reconstruct_n(0, index.ntotal)
 
 
+def read_dataset_info(directory: Path) -> dict:
+    """dataset.json of a cache, or a one-line error when it is damaged."""
+    try:
+        info = json.loads((directory / "dataset.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise OvmlError(f"{directory / 'dataset.json'} is damaged; remake it with "
+                        f"`ovml embed-images --force --dataset {directory.name} --root DIR`")
+    return info
+
+
 def read_image_cache(directory: Path) -> tuple[np.ndarray, pa.Table, dict]:
     """(vectors [n, d], items, dataset info) of a cache written by embed-images."""
     for name in ("index.faiss", "items.parquet", "dataset.json"):
         if not (directory / name).is_file():
             raise OvmlError(f"{directory / name} is missing; run `ovml embed-images` for this dataset first")
-    vectors = read_index(directory / "index.faiss")
-    items = pq.read_table(directory / "items.parquet")
-    info = json.loads((directory / "dataset.json").read_text(encoding="utf-8"))
+    remake = f"ovml embed-images --force --dataset {directory.name} --root DIR"
+    try:
+        vectors = read_index(directory / "index.faiss")
+    except RuntimeError:  # faiss's only signal for a file it cannot deserialize
+        raise OvmlError(f"{directory / 'index.faiss'} is damaged or not a FAISS index; remake it with "
+                        f"`{remake}`") from None
+    items = atomic.read_parquet(directory / "items.parquet", remake)
+    info = read_dataset_info(directory)
     if len(items) != len(vectors):
         raise OvmlError(f"{directory} is inconsistent ({len(items)} items, {len(vectors)} vectors); "
                         "re-run `ovml embed-images --force`")

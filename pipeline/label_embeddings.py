@@ -60,10 +60,15 @@ def label_embeddings(encoder: ClipEncoder, labels: list[str], templates: str = "
     embeddings = (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
     if path is not None:
         table = pa.table({"label": pa.array(labels, pa.string()), "embedding": embedding_array(embeddings)})
-        atomic.write_parquet(path, table.replace_schema_metadata({
-            FINGERPRINT_KEY: fingerprint, "clip": str(encoder.spec), "templates": templates,
-            "n_templates": str(len(phrasings)),
-        }))
+        try:
+            atomic.write_parquet(path, table.replace_schema_metadata({
+                FINGERPRINT_KEY: fingerprint, "clip": str(encoder.spec), "templates": templates,
+                "n_templates": str(len(phrasings)),
+            }))
+        except OSError:
+            if name is not None:  # a named file is an artifact (labels/train.parquet): its write must not fail
+                raise
+            # an unnamed one is only a cache: a full disk or read-only run dir must not stop eval or predict
     return embeddings
 
 

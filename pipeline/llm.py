@@ -102,9 +102,16 @@ class LlamaCppBackend:
         path = Path(model) if model else default_gguf()
         if not path.is_file():
             raise OvmlError(f"GGUF model {path} does not exist; pass --model PATH to a .gguf file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise OvmlError(f"{path} is not a GGUF file; pass --model PATH to a .gguf model for llama.cpp")
         self.model = path.name
         self.sampling = sampling
-        self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        try:
+            self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        except ValueError as e:  # llama-cpp-python's only signal that the file did not load
+            raise OvmlError(f"llama.cpp cannot load {path} ({_first_line(str(e))}); pass --model PATH to an "
+                            "intact GGUF model") from None
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise OvmlError(f"{path} has no chat template in its metadata; use an instruction-tuned GGUF")
@@ -115,9 +122,24 @@ class LlamaCppBackend:
         """A special token's text ("<|im_end|>"), through llama-cpp-python's public detokenize."""
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
+    def _prompt(self, request: ChatRequest) -> str:
+        return self._format(messages=request.as_openai()).prompt + self.PREFILL
+
+    @property
+    def context(self) -> int:
+        return self._llm.n_ctx()
+
+    def tokens_needed(self, request: ChatRequest) -> int:
+        """Context the request takes: its prompt's tokens plus room for --max-tokens of answer."""
+        return len(self._llm.tokenize(self._prompt(request).encode("utf-8"), special=True)) + self.sampling.max_tokens
+
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
         for request in requests:
-            prompt = self._format(messages=request.as_openai()).prompt + self.PREFILL
+            prompt = self._prompt(request)
+            if self.tokens_needed(request) > self.context:
+                raise OvmlError(f"a prompt needs {self.tokens_needed(request)} tokens with --max-tokens "
+                                f"{self.sampling.max_tokens}, more than the model's {self.context}-token context; "
+                                "shorten the longest labels or lower --max-labels")
             answer = self._llm.create_completion(
                 prompt, seed=request.seed, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
                 max_tokens=self.sampling.max_tokens, stop=['"', "\n"],

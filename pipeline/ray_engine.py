@@ -1,10 +1,10 @@
 """The ray engine: a stage's units of work spread over an actor pool with Ray Data, on one machine or a cluster.
 
 A unit is what the local engine writes as one file (an image chunk, a captions part) or one prompt of a part.
-Actors compute; the driver receives each finished unit and writes it with the same code as the local engine,
-so both engines make the same files, the manifest is the same, and a killed driver resumes from the files
-on disk either way. Ray restarts a lost actor and retries its task (Ray Data's actor pool default); work
-that never reached the driver is simply redone by the next run.
+Actors compute; the driver receives each finished unit and writes it with the same code as the local engine
+(into the stage's staging folder), so both engines make the same files, the manifest is the same, and a
+killed driver resumes from the staged files either way. Ray restarts a lost actor and retries its task
+(Ray Data's actor pool default); work that never reached the driver is simply redone by the next run.
 """
 
 from __future__ import annotations

@@ -2,9 +2,16 @@
 
 A stage's fingerprint is the hash of its params and of the bytes of its input files. A stage is up to
 date when the manifest says it finished with the same fingerprint and its recorded outputs still hash
-the same. Before a stage runs, its record turns to "running" with the new fingerprint; if the process
-dies, the next attempt with the same fingerprint resumes (completed shards are kept), and an attempt
-with another fingerprint clears the stale outputs first.
+the same. Inputs are checked against the sha256 their producer recorded before anything else happens.
+
+Finished outputs are never deleted before their replacement is complete: a stage builds its outputs in
+.staging/<stage>/out/ (the same relative paths), which is also where a killed attempt with the same
+attempt key resumes from. On success the staged outputs are committed: commit.json (the new manifest
+record) is written, each staged output is swapped with the old one in one renameat2(RENAME_EXCHANGE) call
+(two renames where the filesystem cannot exchange, leaving a window of microseconds in which the path is
+missing), then the manifest record is written and the old outputs deleted. A commit killed half-way is
+finished by the next run_stage call of that stage (commit.json and the staged inodes say what is done).
+Until then the previous outputs and their manifest record stay in place and usable.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ovml.pipeline.errors import OvmlError, RunDirLocked
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+STAGING = ".staging"
 
 
 @dataclass
@@ -67,9 +75,12 @@ class RunDir:
         if not file.exists():
             return {"stages": {}}
         try:
-            return json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise OvmlError(f"{file} is not valid JSON; delete it to rebuild the run from scratch") from None
+            manifest = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+            raise OvmlError(f"{file} is damaged (not an ovml manifest); delete it to rebuild the run from scratch")
+        return manifest
 
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         return self.manifest()["stages"].get(stage)
@@ -79,6 +90,20 @@ class RunDir:
         manifest["stages"][stage] = record
         manifest["updated"] = _now()
         atomic.write_json(self.path / MANIFEST, manifest)
+
+    def verified_hashes(self, paths: list[Path]) -> dict[str, str]:
+        """sha256 of each file, checked against the hash its producer recorded (files no stage recorded,
+        e.g. a labels file outside the run dir, are only hashed); one line naming the remaking command."""
+        recorded = {rel: (stage, digest) for stage, record in self.manifest()["stages"].items()
+                    if record.get("status") == "finished" for rel, digest in record.get("outputs", {}).items()}
+        hashes = hash_files(self.path, paths)
+        for rel, digest in hashes.items():
+            stage, expected = recorded.get(rel, (None, digest))
+            if digest != expected:
+                raise OvmlError(f"{self.path / rel} is not the file `ovml {stage_command(stage)}` wrote (its "
+                                f"sha256 differs from manifest.json: damaged or edited); remake it with "
+                                f"`ovml {stage_command(stage)} --force --run-dir {self.path}`")
+        return hashes
 
     def require(self, rel: str, produced_by: str) -> Path:
         """An upstream artifact, or a one-line error naming the stage that makes it."""
@@ -115,8 +140,8 @@ def _why_run(record: dict[str, Any] | None, params, input_hashes, fp: str, root:
     """None when the stage is up to date, else a short human reason."""
     if record is None:
         return "never ran"
-    if record.get("status") == "running":
-        return "resuming an interrupted run" if record.get("fingerprint") == fp else "last run was interrupted"
+    if record.get("status") != "finished":
+        return "last run did not finish"
     if record.get("fingerprint") != fp:
         changed = sorted(k for k in set(params) | set(record.get("params", {}))
                          if params.get(k) != record.get("params", {}).get(k))
@@ -133,6 +158,73 @@ def _why_run(record: dict[str, Any] | None, params, input_hashes, fp: str, root:
     return None
 
 
+def stage_command(stage: str) -> str:
+    """The command that (re)makes a stage's outputs: "embed_images/coco2014" -> "embed-images --dataset coco2014"."""
+    name, _, dataset = stage.partition("/")
+    return name.replace("_", "-") + (f" --dataset {dataset}" if dataset else "")
+
+
+class Staging:
+    """.staging/<stage>/: attempt.json (what is being built), out/ (the outputs being built), commit.json."""
+
+    def __init__(self, root: Path, stage: str):
+        self.root = root
+        self.dir = root / STAGING / stage.replace("/", "-")
+        self.out = self.dir / "out"
+
+    def attempt(self) -> str | None:
+        file = self.dir / "attempt.json"
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))["attempt"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def start(self, attempt: str) -> None:
+        """A fresh staging area; what an attempt with another key left unfinished is dropped."""
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.out.mkdir(parents=True)
+        atomic.write_json(self.dir / "attempt.json", {"attempt": attempt})
+
+    def commit(self, run_dir: RunDir, stage: str, outputs: list[str], record: dict[str, Any]) -> None:
+        inodes = {rel: (self.out / rel).stat().st_ino if (self.out / rel).exists() else None for rel in outputs}
+        atomic.write_json(self.dir / "commit.json", {"record": record, "inodes": inodes})
+        self.finish_commit(run_dir, stage)
+
+    def finish_commit(self, run_dir: RunDir, stage: str) -> None:
+        """Swap in each staged output not swapped yet, record the stage, drop the old outputs; idempotent."""
+        file = self.dir / "commit.json"
+        if not file.exists():
+            return
+        commit = json.loads(file.read_text(encoding="utf-8"))
+        for rel, inode in commit["inodes"].items():
+            self._swap(rel, inode)
+        run_dir._put_record(stage, commit["record"])
+        shutil.rmtree(self.dir)
+
+    def _swap(self, rel: str, inode: int | None) -> None:
+        target, staged = self.root / rel, self.out / rel
+        if target.exists() and target.stat().st_ino == inode:
+            return  # swapped before a kill
+        if inode is None:  # the new attempt made no such output: the old one goes
+            if target.exists():
+                self._set_aside(target, rel)
+            return
+        if not staged.exists():  # neither swapped in nor staged (removed by hand): keep what is there
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not atomic.exchange(staged, target):
+            self._set_aside(target, rel)
+        if not target.exists() or target.stat().st_ino != inode:
+            os.replace(staged, target)
+        atomic.fsync_dir(target.parent)
+
+    def _set_aside(self, target: Path, rel: str) -> None:
+        old = self.dir / "old" / rel
+        old.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(target, old)
+
+
 def run_stage(
     run_dir: RunDir,
     stage: str,
@@ -140,45 +232,44 @@ def run_stage(
     params: dict[str, Any],
     inputs: list[Path],
     outputs: list[str],
-    body: Callable[[bool], dict[str, Any]],
+    body: Callable[[Path, bool], dict[str, Any]],
     force: bool = False,
     models: dict[str, str] | None = None,
+    attempt: str | None = None,
 ) -> StageOutcome:
-    """Run `body(resume)` unless the stage is up to date; record it in the manifest either way.
+    """Run `body(out, resume)` unless the stage is up to date; record it in the manifest when it finishes.
 
-    `outputs` are paths relative to the run dir (files or folders) that this stage alone writes.
-    `body` gets resume=True when an interrupted attempt with the same fingerprint left shards to keep.
+    `outputs` are paths relative to the run dir (files or folders) that this stage alone writes; the body
+    writes them under `out` (same relative paths) and they replace the old ones only once it returns.
+    `resume` is True when a killed attempt with the same `attempt` key (default: the fingerprint) left
+    work in `out` to keep.
     """
     with lock_run_dir(run_dir.path, f"ovml {stage.replace('_', '-')}"):
         root = run_dir.path
-        input_hashes = hash_files(root, inputs)
+        staging = Staging(root, stage)
+        staging.finish_commit(run_dir, stage)
+        input_hashes = run_dir.verified_hashes(inputs)
         fp = fingerprint(params, input_hashes)
         record = run_dir.stage_record(stage)
         reason = "forced with --force" if force else _why_run(record, params, input_hashes, fp, root)
         if reason is None:
             return StageOutcome(stage, "skipped", "up to date", 0.0, record.get("summary", {}))
-        resume = not force and record is not None and record.get("status") == "running" \
-            and record.get("fingerprint") == fp
-        for rel in outputs:
-            target = root / rel
-            atomic.remove_stale_temps(target if target.is_dir() else target.parent)
-            if not resume:
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
+        resume = not force and staging.attempt() == (attempt or fp)
+        if resume:
+            reason = f"resuming an interrupted run ({reason})"
+            atomic.remove_stale_temps(staging.out)
+        else:
+            staging.start(attempt or fp)
         started = _now()
         t0 = time.perf_counter()
-        run_dir._put_record(stage, {"status": "running", "fingerprint": fp, "params": params,
-                                    "inputs": input_hashes, "started": started})
-        summary = body(resume)
+        summary = body(staging.out, resume)
         seconds = time.perf_counter() - t0
-        run_dir._put_record(stage, {
+        staging.commit(run_dir, stage, outputs, {
             "status": "finished",
             "fingerprint": fp,
             "params": params,
             "inputs": input_hashes,
-            "outputs": hash_files(root, files_under(root, outputs)),
+            "outputs": hash_files(staging.out, files_under(staging.out, outputs)),
             "started": started,
             "finished": _now(),
             "seconds": round(seconds, 3),
@@ -213,8 +304,13 @@ def lock_run_dir(path: Path, holder: str) -> Iterator[None]:
         who = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise RunDirLocked(f"run directory {path} is locked by {who}; wait for it to finish") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({holder}, since {_now()})".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({holder}, since {_now()})".encode(), 0)
+    except OSError as e:  # a full disk: name the file, release the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, str(path / LOCK)) from None
     _held[key] = (fd, 1)
     try:
         yield

@@ -45,12 +45,20 @@ def text_embedding_parts(text_emb_dir: Path) -> list[Path]:
     return sorted(Path(text_emb_dir).glob("part-*.parquet"))
 
 
+def _open_part(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except pa.ArrowInvalid as e:
+        raise OvmlError(f"{path} is damaged or not a parquet file ({str(e)[:120]}); remake it with "
+                        "`ovml embed-text --force`") from None
+
+
 def read_text_embeddings(text_emb_dir: str | Path) -> tuple[list[str], np.ndarray]:
     """All parts, in part order: caption ids and one contiguous float32 [n, d] matrix, filled in place."""
     parts = text_embedding_parts(Path(text_emb_dir))
     if not parts:
         raise OvmlError(f"no text embeddings (part-*.parquet) in {text_emb_dir}; run `ovml embed-text` first")
-    files = [pq.ParquetFile(p) for p in parts]
+    files = [_open_part(p) for p in parts]
     dims = sorted({f.schema_arrow.field("embedding").type.list_size for f in files})
     if len(dims) != 1:
         raise OvmlError(f"text embedding parts in {text_emb_dir} mix widths {dims}; "

@@ -69,7 +69,7 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
         # much as embedding it, so an image edited in place needs --force.
         inputs=dataset.annotation_files,
         outputs=[output],
-        body=lambda resume: _embed(cfg, dataset, run_dir / output, resume),
+        body=lambda out, resume: _embed(cfg, dataset, out / output, resume),
         force=cfg.force, models={"clip": cfg.clip},
     )
 

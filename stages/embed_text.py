@@ -11,14 +11,15 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ovml.pipeline.artifacts import CAPTIONS, PART_GLOB, TEXT_EMB, TRAIN_LABELS, VOCABULARY
+from ovml.pipeline import atomic
+from ovml.pipeline.artifacts import CAPTIONS, TEXT_EMB, TRAIN_LABELS, VOCABULARY, caption_parts
 from ovml.pipeline.clip import autocast_dtype, load_clip, pick_device
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
-from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.text_embeddings import embedding_array, embedding_matrix, text_embedding_parts, write_text_embeddings
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
@@ -44,7 +45,7 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     """One text_emb part per captions part (same name), then the training vocabulary's label embeddings."""
     run_dir = RunDir(cfg.run_dir)
     captions_dir = run_dir.require(CAPTIONS, produced_by="generate_text")
-    parts = sorted(captions_dir.glob(PART_GLOB))
+    parts = caption_parts(run_dir.path)
     if not parts:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
@@ -55,66 +56,89 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
     params = as_params(cfg)
     params["label_templates_sha256"] = templates_digest(cfg.templates)
+    earlier = {} if cfg.force else _earlier_parts(run_dir, params, parts)
     return run_stage(
-        run_dir, "embed_text", params=params, inputs=files_under(run_dir.path, [CAPTIONS]),
-        outputs=[TEXT_EMB, TRAIN_LABELS], body=functools.partial(_embed_all, cfg, run_dir, parts, labels),
+        run_dir, "embed_text", params=params, inputs=[*parts, run_dir / VOCABULARY],
+        outputs=[TEXT_EMB, TRAIN_LABELS], body=functools.partial(_embed_all, cfg, parts, labels, earlier),
         force=cfg.force, models={"clip": cfg.clip},
     )
 
 
-def _embed_all(cfg: EmbedTextConfig, run_dir: RunDir, parts: list[Path], labels: list[str],
+def _earlier_parts(run_dir: RunDir, params: dict, parts: list[Path]) -> dict[str, Path]:
+    """text_emb parts the last finished run made with these settings from caption parts still byte-identical,
+    so a topped-up caption pool costs only its new parts."""
+    record = run_dir.stage_record("embed_text") or {}
+    if record.get("status") != "finished" or record.get("params") != params:
+        return {}
+    earlier = {}
+    for part in parts:
+        made = run_dir / TEXT_EMB / part.name
+        if made.is_file() and record["inputs"].get(f"{CAPTIONS}/{part.name}") == atomic.sha256_file(part) \
+                and record["outputs"].get(f"{TEXT_EMB}/{part.name}") == atomic.sha256_file(made):
+            earlier[part.name] = made
+    return earlier
+
+
+def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earlier: dict[str, Path], out: Path,
                resume: bool) -> dict:
-    """Parts already in text_emb/ were finished by an interrupted attempt with the same fingerprint: kept.
+    """Parts already in out/text_emb/ were finished by an interrupted attempt with the same fingerprint, and
+    `earlier` ones by the last finished run: both kept.
 
     Label prompts are embedded here on either engine: a few hundred per label, next to millions of captions.
     """
     encoder = load_clip(cfg.clip, cfg.device)
-    todo = [p for p in parts if not (run_dir / TEXT_EMB / p.name).exists()]
-    embedded, started = 0, time.perf_counter()
+    resumed = sum((out / TEXT_EMB / p.name).exists() for p in parts)
+    for name, made in earlier.items():
+        atomic.link_or_copy(made, out / TEXT_EMB / name)
+    todo = [p for p in parts if not (out / TEXT_EMB / p.name).exists()]
     with progress_bar("texts") as bar:
-        task = bar.add_task("captions", total=sum(pq.ParquetFile(p).metadata.num_rows for p in todo))
+        captions = {part: _read_captions(part) for part in todo}
+        task = bar.add_task("captions", total=sum(len(texts) for _, texts in captions.values()))
         progress = functools.partial(bar.advance, task)
-        embeddings = _on_ray(cfg, todo, progress) if cfg.engine == "ray" else _locally(cfg, encoder, todo, progress)
+        embedded, started = 0, time.perf_counter()
+        embeddings = _on_ray(cfg, captions, progress) if cfg.engine == "ray" else \
+            _locally(cfg, encoder, captions, progress)
         for part, caption_ids, vectors, truncated in embeddings:
-            write_text_embeddings(run_dir / TEXT_EMB / part.name, caption_ids, vectors, cfg.store_dtype,
+            write_text_embeddings(out / TEXT_EMB / part.name, caption_ids, vectors, cfg.store_dtype,
                                   metadata={TRUNCATED_KEY: str(int(truncated.sum())), "clip": cfg.clip})
             embedded += len(caption_ids)
         seconds = time.perf_counter() - started
         labels_task = bar.add_task("label prompts", total=len(labels) * len(load_templates(cfg.templates)))
-        label_embeddings(encoder, labels, cfg.templates, cache_dir=(run_dir / TRAIN_LABELS).parent,
+        label_embeddings(encoder, labels, cfg.templates, cache_dir=(out / TRAIN_LABELS).parent,
                          name=Path(TRAIN_LABELS).stem, progress=lambda n: bar.advance(labels_task, n))
-    written = [pq.ParquetFile(p) for p in text_embedding_parts(run_dir / TEXT_EMB)]
+    written = [pq.ParquetFile(p) for p in text_embedding_parts(out / TEXT_EMB)]
     return {
         "texts": sum(f.metadata.num_rows for f in written),
         "truncated": sum(int(f.schema_arrow.metadata[TRUNCATED_KEY.encode()]) for f in written),
-        "texts_per_s": round(embedded / seconds, 1) if embedded else None,  # reading and writing parts included
-        "resumed_parts": len(parts) - len(todo),
+        "texts_per_s": round(embedded / seconds, 1) if embedded else None,  # writing parts included
+        "resumed_parts": resumed,
+        "reused_parts": len(parts) - len(todo) - resumed,
         "dim": encoder.dim,
         "store_dtype": cfg.store_dtype,
         "labels": len(labels),
     }
 
 
-def _locally(cfg: EmbedTextConfig, encoder, todo: list[Path], progress):
+def _locally(cfg: EmbedTextConfig, encoder, captions: dict[Path, tuple[list[str], list[str]]], progress):
     """(part, caption ids, float32 embeddings, truncated flags) for each part, embedded in this process."""
-    for part in todo:
-        caption_ids, texts = _read_captions(part)
+    for part, (caption_ids, texts) in captions.items():
         tokens, truncated = encoder.tokenize(texts)
         yield part, caption_ids, encoder.encode_tokens(tokens, cfg.batch_size, precision=cfg.precision,
                                                        progress=progress), truncated
 
 
-def _on_ray(cfg: EmbedTextConfig, todo: list[Path], progress):
-    """The same tuples from CLIP actors; the driver reads the captions, so workers need no shared disk."""
-    captions = {part.name: _read_captions(part) for part in todo}
-    items = [{UNIT: name, "texts": texts} for name, (_, texts) in captions.items()]
-    expected = {name: len(texts) for name, (_, texts) in captions.items()}
+def _on_ray(cfg: EmbedTextConfig, captions: dict[Path, tuple[list[str], list[str]]], progress):
+    """The same tuples from CLIP actors; the driver sends the captions, so workers need no shared disk."""
+    by_name = {part.name: part for part in captions}
+    items = [{UNIT: part.name, "texts": texts} for part, (_, texts) in captions.items()]
+    expected = {part.name: len(texts) for part, (_, texts) in captions.items()}
     worker_args = (cfg.clip, cfg.device, cfg.batch_size, cfg.precision)
     for name, table in ray_map(items, expected, TextPartWorker, worker_args, address=cfg.ray_address,
                                actors=cfg.ray_actors, device=cfg.device):
         progress(table.num_rows)
-        yield (todo[0].parent / name, captions[name][0], embedding_matrix(table["embedding"]),
-               table["truncated"].to_numpy(zero_copy_only=False))
+        part = by_name[name]
+        yield part, captions[part][0], embedding_matrix(table["embedding"]), \
+            table["truncated"].to_numpy(zero_copy_only=False)
 
 
 class TextPartWorker:

@@ -10,7 +10,6 @@ protocol's labels, as in the papers; elsewhere every image counts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import read_image_cache
+from ovml.pipeline.image_cache import read_dataset_info, read_image_cache
 from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.metrics import evaluate_scores, micro_pr_curve
 from ovml.pipeline.report import METHODS, eval_markdown, plot_ap_scatter, plot_pr_curves
@@ -52,7 +51,7 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     if not (run_dir / cache / "dataset.json").is_file():
         raise OvmlError(f"{run_dir / cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} "
                         f"--root DIR --run-dir {run_dir.path}` first")
-    info = _read_json(run_dir / cache / "dataset.json")
+    info = read_dataset_info(run_dir / cache)
     if not info.get("images"):
         raise OvmlError(f"{run_dir / cache} holds no image (all {info.get('failures', 0)} failed to read or the "
                         f"dataset lists none); fix the images under --root and re-run `ovml embed-images --force`")
@@ -65,7 +64,7 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     return run_stage(
         run_dir, f"eval/{cfg.dataset}", params=as_params(cfg),
         inputs=files_under(run_dir.path, [cache, ADAPTER]), outputs=[output],
-        body=lambda resume: _evaluate(cfg, run_dir, run_dir / cache, run_dir / output),
+        body=lambda out, resume: _evaluate(cfg, run_dir, run_dir / cache, out / output),
         force=cfg.force, models={"clip": cfg.clip},
     )
 
@@ -73,10 +72,6 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
 def _adapter_summary(config: AdapterConfig) -> dict[str, Any]:
     """The adapter's config for the report, its vocabulary shown by size (it can hold thousands of labels)."""
     return {**asdict(config), "vocabulary": {"size": len(config.vocabulary)}}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[str, Any]:

@@ -5,12 +5,25 @@ Work goes in rounds: a round plans prompts for every label still short of its qu
 pure function of the seed and of the parts already written, so a killed run replays the plans over the
 parts on disk, keeps them, and generates only what is missing: the same rows as an uninterrupted run.
 Shards split the quota (each covers ceil(per_label / num_shards) per label) and number their parts
-apart, so their captions/ folders merge by copying.
+apart (part number = shard_index mod num_shards), so their captions/ folders merge by copying.
+
+The caption pool only grows unless asked (LLM time is the most expensive thing ovml makes). The settings
+that change how a caption is made form its recipe: backend, model, prompts file, temperature, top_p,
+max_tokens, sampling (and its co-occurrence file or CLIP model), min/max labels, the vocabulary, seed and
+extra_body. Every part is stamped with its recipe hash. A run keeps every part of the current recipe,
+whichever shard or run made it, counts it toward --per-label, and numbers new parts after the highest
+existing one: raising --per-label tops up, lowering it keeps every row. Parts of another recipe are set
+aside, not deleted, in captions/archive/<recipe>/ (never read by later stages; move them back by hand to
+use them). Parts written before recipes were stamped are kept as the current recipe's. How many captions
+(per_label) and who makes them (base_url, concurrency, max_rounds, part_size) are not part of the recipe;
+base_url, concurrency, max_rounds and part_size do not even make the stage run again. Only --force
+deletes captions: it builds a new pool from nothing, which replaces the old one when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -28,7 +41,7 @@ import pyarrow.parquet as pq
 from rich.progress import TextColumn
 
 from ovml.pipeline import atomic
-from ovml.pipeline.artifacts import CAPTIONS, VOCABULARY, part_name
+from ovml.pipeline.artifacts import CAPTIONS, VOCABULARY, caption_parts, part_name
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
@@ -39,6 +52,9 @@ from ovml.pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
 from ovml.prompts import read_prompt_file
 
 PROMPTS_FILE = "caption_prompts.json"
+ARCHIVE = "archive"
+RECIPE_KEY = b"ovml.recipe"  # part schema metadata: the recipe hash of the captions in the part
+NOT_RECIPE = ("labels", "dataset_root", "cooccurrence", "per_label", "num_shards", "shard_index")
 MIN_WORDS = 3  # "dog beach" is a tag list, not a caption
 MAX_WORDS = 40  # longer answers are rambling past the requested single sentence
 DROP_REASONS = ("unparseable", "too_short", "too_long", "no_requested_label", "duplicate")
@@ -67,7 +83,7 @@ class GenerateTextConfig:
     cooccurrence: str | None = None
     backend: Literal["llama-cpp", "openai", "vllm"] = "llama-cpp"
     model: str | None = None
-    base_url: str | None = None
+    base_url: str | None = not_fingerprinted(None)
     extra_body: dict | None = None  # server-specific sampling options for --backend openai (config file only)
     concurrency: int = not_fingerprinted(4)
     temperature: float = 0.8
@@ -76,7 +92,7 @@ class GenerateTextConfig:
     seed: int = 0
     num_shards: int = 1
     shard_index: int = 0
-    part_size: int = 64
+    part_size: int = not_fingerprinted(64)
     max_rounds: int = not_fingerprinted(20)
     clip: str = "ViT-B-16:openai"
     device: str = not_fingerprinted("auto")
@@ -98,6 +114,7 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
     vocabulary = load_vocabulary(cfg.labels, cfg.dataset_root)
     run_dir = RunDir(cfg.run_dir)
     params = as_params(cfg)
+    params["prompts_sha256"] = hashlib.sha256(read_prompt_file(PROMPTS_FILE).encode()).hexdigest()
     inputs = list(vocabulary.sources)
     models = {"llm": cfg.model or (SMOLLM2_GGUF if cfg.backend == "llama-cpp" else "served by base_url")}
     if cfg.sampling == "cooccurrence":
@@ -106,13 +123,25 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
         models["clip"] = cfg.clip
     else:
         del params["clip"]
+    recipe = _recipe(params, vocabulary, cfg)
 
-    def body(resume: bool) -> dict:
+    def body(out: Path, resume: bool) -> dict:
         with ray_session(cfg.ray_address) if cfg.engine == "ray" else contextlib.nullcontext():  # one for all rounds
-            return _generate(cfg, vocabulary, run_dir / CAPTIONS)
+            return _generate(cfg, vocabulary, recipe, run_dir / CAPTIONS, out / CAPTIONS)
 
+    # A killed attempt resumes whatever --per-label says now: its parts are of the same recipe and shard.
+    attempt = f"{recipe}-{cfg.shard_index}-of-{cfg.num_shards}"
     return run_stage(run_dir, "generate_text", params=params, inputs=inputs, outputs=[CAPTIONS], body=body,
-                     force=cfg.force, models=models)
+                     force=cfg.force, models=models, attempt=attempt)
+
+
+def _recipe(params: dict, vocabulary: Vocabulary, cfg: GenerateTextConfig) -> str:
+    """Hash of everything that changes how a caption is made (see the module docstring), never of paths."""
+    made_by = {k: v for k, v in params.items() if k not in NOT_RECIPE}
+    made_by["vocabulary"] = vocabulary.as_json()
+    if cfg.sampling == "cooccurrence":
+        made_by["cooccurrence_sha256"] = atomic.sha256_file(cfg.cooccurrence)
+    return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check(cfg: GenerateTextConfig) -> None:
@@ -155,7 +184,8 @@ class ShardTally:
             self.kept += 1
             self.verified_mentions += len(set(labels) & set(requested))
             for label in labels:
-                self.kept_per_label[label] += 1
+                if label in self.kept_per_label:  # a part made before recipes were stamped may name others
+                    self.kept_per_label[label] += 1
 
     def shortfall(self, target: int) -> dict[str, int]:
         return {label: target - n for label, n in self.kept_per_label.items() if n < target}
@@ -310,8 +340,8 @@ def _verify(raw: str, prompt: PlannedPrompt, matcher: MentionMatcher, seen_texts
     return None, text, mentioned
 
 
-def _generate_part(plan: list[PlannedPrompt], part: int, cfg: GenerateTextConfig, backend: LlmBackend,
-                   prompts: CaptionPrompts, matcher: MentionMatcher, seen_texts: set[str],
+def _generate_part(plan: list[PlannedPrompt], part: int, recipe: str, cfg: GenerateTextConfig,
+                   backend: LlmBackend, prompts: CaptionPrompts, matcher: MentionMatcher, seen_texts: set[str],
                    on_answer) -> pa.Table:
     requests = [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in plan]
     rows, dropped, seen = [], Counter(), set(seen_texts)
@@ -325,7 +355,8 @@ def _generate_part(plan: list[PlannedPrompt], part: int, cfg: GenerateTextConfig
                          "requested": list(prompt.labels), "prompt_id": prompt.prompt_id,
                          "backend": backend.name, "model": backend.model, "seed": prompt.seed})
         on_answer(kept=reason is None)
-    metadata = {"ovml.requested": str(len(plan)), "ovml.asked_mentions": str(sum(len(p.labels) for p in plan)),
+    metadata = {RECIPE_KEY: recipe, "ovml.requested": str(len(plan)),
+                "ovml.asked_mentions": str(sum(len(p.labels) for p in plan)),
                 "ovml.dropped": json.dumps({r: dropped[r] for r in DROP_REASONS})}
     return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA.with_metadata(metadata))
 
@@ -337,18 +368,80 @@ def _read_part(path: Path) -> pa.Table:
         raise OvmlError(f"{path} is unreadable ({e}); delete it and run again to regenerate it") from None
 
 
-def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) -> dict:
+def _part_recipe(path: Path) -> str | None:
+    try:
+        stamp = (pq.read_schema(path).metadata or {}).get(RECIPE_KEY)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OvmlError(f"{path} is unreadable ({e}); delete it and run again to regenerate it") from None
+    return stamp.decode() if stamp else None
+
+
+def _carry_over(committed: Path, staged: Path, recipe: str) -> tuple[list[Path], dict[str, list[Path]]]:
+    """Put the committed pool into the staged one: (parts kept, {recipe: parts set aside to the archive})."""
+    kept, set_aside = [], {}
+    for part in caption_parts(committed.parent):
+        part_recipe = _part_recipe(part)
+        if part_recipe in (None, recipe):
+            atomic.link_or_copy(part, staged / part.name)
+            kept.append(staged / part.name)
+        else:
+            atomic.link_or_copy(part, staged / ARCHIVE / part_recipe / part.name)
+            set_aside.setdefault(part_recipe, []).append(part)
+    archive = committed / ARCHIVE
+    for old in sorted(archive.rglob("*.parquet")) if archive.is_dir() else []:
+        atomic.link_or_copy(old, staged / ARCHIVE / old.relative_to(archive))
+    return kept, set_aside
+
+
+def _check_longest_prompt(backend: LlmBackend, prompts: CaptionPrompts, labels: list[str],
+                          cfg: GenerateTextConfig) -> None:
+    """A model with a known context (llama.cpp) must fit the longest prompt this run can send: checked first."""
+    if not hasattr(backend, "tokens_needed"):
+        return
+    longest = tuple(sorted(labels, key=len, reverse=True)[:cfg.max_labels])
+    variant = max(prompts.variants, key=lambda v: len(prompts.variants[v]))
+    need = backend.tokens_needed(ChatRequest(prompts.messages(variant, longest), 0))
+    if need > backend.context:
+        raise OvmlError(f"a prompt naming the longest labels (such as {longest[0][:40]!r}..., {len(longest[0])} "
+                        f"characters) needs {need} tokens with --max-tokens {cfg.max_tokens}, more than the model's "
+                        f"{backend.context}-token context; shorten those labels or lower --max-labels")
+
+
+def _open_checked(cfg: GenerateTextConfig, prompts: CaptionPrompts, labels: list[str]) -> LlmBackend | None:
+    """The model opened (file loaded, server reached) and the longest prompt checked before any work, so a
+    typo fails at once. On Ray the actors open their own copies and the driver's serves only these checks
+    (so it is dropped: None); a vLLM engine is not opened here at all, it would take a GPU from the replicas."""
+    if cfg.engine == "ray" and cfg.backend == "vllm":
+        return None
+    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body)
+    _check_longest_prompt(backend, prompts, labels, cfg)
+    return None if cfg.engine == "ray" else backend
+
+
+def _part_index(path: Path) -> int:
+    return int(path.stem.removeprefix("part-"))
+
+
+def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, committed: Path, out_dir: Path) -> dict:
+    """Top the pool up to --per-label; parts of this recipe already in the pool count and are kept."""
+    kept, set_aside = ([], {}) if cfg.force else _carry_over(committed, out_dir, recipe)
     atomic.write_json(out_dir.parent / VOCABULARY, vocabulary.as_json())
     prompts = CaptionPrompts.load()
     matcher = MentionMatcher(vocabulary)
     sampler = _sampler(cfg, vocabulary)
     target = math.ceil(cfg.per_label / cfg.num_shards)
     tally = ShardTally(vocabulary.labels)
-    backend: LlmBackend | None = None
-    part = 0
+    for part in kept:
+        tally.add_part(_read_part(part))
+    # New parts go after every kept one; index mod num_shards stays the shard's, so shards never collide.
+    base = math.ceil((max(map(_part_index, kept), default=-1) + 1) / cfg.num_shards)
+    backend = _open_checked(cfg, prompts, vocabulary.labels) if tally.shortfall(target) else None
+    ray_answers: _Answers | None = None  # the last part's answers from Ray: its model and dialect
+    part = added = 0
+    round_index = 0
     with progress_bar(TextColumn("prompts, {task.fields[kept]} kept, {task.fields[rate]}")) as progress:
-        task = progress.add_task("generate-text", total=0, kept=0, rate="")
-        started, kept_on_disk, kept_here = time.perf_counter(), 0, 0
+        task = progress.add_task("generate-text", total=0, kept=tally.kept, rate="")
+        started, kept_on_disk, kept_here = time.perf_counter(), tally.kept, 0
 
         def on_answer(kept: bool) -> None:
             nonlocal kept_here
@@ -365,7 +458,8 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) ->
             plan = _plan_round(tally, target, sampler, list(prompts.variants), cfg, rng)
             progress.update(task, total=progress.tasks[task].total + len(plan))
             chunks = [plan[start:start + cfg.part_size] for start in range(0, len(plan), cfg.part_size)]
-            paths = [out_dir / part_name((part + k) * cfg.num_shards + cfg.shard_index) for k in range(len(chunks))]
+            paths = [out_dir / part_name((base + part + k) * cfg.num_shards + cfg.shard_index)
+                     for k in range(len(chunks))]
             missing = {k: chunk for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)) if not path.exists()}
             on_ray = _RayRound(cfg, prompts, missing) if cfg.engine == "ray" else None
             for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):
@@ -374,18 +468,29 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, out_dir: Path) ->
                     kept_on_disk += table.num_rows
                     progress.update(task, advance=len(chunk), kept=kept_on_disk + kept_here)
                 else:
-                    backend = on_ray.answers(k) if on_ray else backend or open_backend(
-                        cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body)
-                    table = _generate_part(chunk, part + k, cfg, backend, prompts, matcher, tally.seen_texts,
-                                           on_answer)
+                    ray_answers = on_ray.answers(k) if on_ray else None
+                    table = _generate_part(chunk, base + part + k, recipe, cfg, ray_answers or backend, prompts,
+                                           matcher, tally.seen_texts, on_answer)
                     atomic.write_parquet(path, table)
                 tally.add_part(table)
+                added += table.num_rows
             part += len(chunks)
             if on_ray:
                 on_ray.close()
-    summary = tally.summary(round_index, part)
-    if getattr(backend, "dialect", None):  # the structured-output dialect the OpenAI-compatible server took
-        summary["structured_output"] = backend.dialect
+    for extra in caption_parts(out_dir.parent)[len(kept) + part:]:  # staged by an attempt that asked for more
+        table = _read_part(extra)
+        tally.add_part(table)
+        added += table.num_rows
+    summary = tally.summary(round_index, len(caption_parts(out_dir.parent)))
+    summary["pool"] = {"recipe": recipe, "kept": tally.kept - added, "added": added,
+                       "set_aside": sum(pq.ParquetFile(p).metadata.num_rows for ps in set_aside.values() for p in ps),
+                       "archive": [f"{CAPTIONS}/{ARCHIVE}/{r}" for r in sorted(set_aside)]}
+    if not added and kept:
+        summary["pool"]["note"] = (f"the pool already has --per-label {cfg.per_label}; nothing generated, "
+                                   f"all {tally.kept} captions kept (only --force deletes captions)")
+    answered_by = ray_answers or backend
+    if getattr(answered_by, "dialect", None):  # the structured-output dialect the OpenAI-compatible server took
+        summary["structured_output"] = answered_by.dialect
     return summary
 
 

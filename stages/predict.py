@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ovml.pipeline.adapter import load_adapter
-from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE
+from ovml.pipeline.artifacts import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_CACHE
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings
@@ -48,6 +48,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
     run_dir = RunDir(cfg.run_dir)
     if not cfg.zero_shot:
         run_dir.require(ADAPTER, produced_by="train_adapter")
+        run_dir.verified_hashes([p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()])
     encoder = load_clip(cfg.clip, cfg.device)
     vectors = np.concatenate([
         encoder.encode_image_batch(torch.stack([encoder.preprocess(image) for image in images[i:i + IMAGE_BATCH]]))

@@ -6,9 +6,7 @@ them but the run directory. Each stage decides for itself (manifest fingerprints
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import logging
 import time
 import traceback
 from dataclasses import dataclass
@@ -19,7 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ovml.pipeline.config import build_config, read_config_file
-from ovml.pipeline.errors import EXIT_OK, EXIT_STAGE_FAILED, OvmlError
+from ovml.pipeline.errors import EXIT_OK, EXIT_STAGE_FAILED, OvmlError, environment_error
+from ovml.pipeline.logs import open_log
 from ovml.pipeline.report import eval_tables
 from ovml.pipeline.rundir import lock_run_dir
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
@@ -61,7 +60,7 @@ def run(cfg: RunConfig, config_path: Path | None) -> int:
     eval_cfg = {section: stage_cfg for section, stage_cfg, _ in plan}["eval"]
     console = Console(stderr=cfg.json)
     with lock_run_dir(cfg.run_dir, f"ovml run --config {config_path}"):
-        log = _open_log(cfg.run_dir)
+        log = open_log(cfg.run_dir)
         log.info("ovml run --config %s --run-dir %s", config_path, cfg.run_dir)
         results, exit_code, t0 = [], EXIT_OK, time.perf_counter()
         for section, stage_cfg, entry in plan:
@@ -73,7 +72,14 @@ def run(cfg: RunConfig, config_path: Path | None) -> int:
                 continue
             console.rule(f"[bold]{name}")
             try:
-                outcome = entry(stage_cfg)
+                try:
+                    outcome = entry(stage_cfg)
+                except OSError as e:  # a full disk, a read-only folder: one line here, the traceback to the log
+                    error = environment_error(e)
+                    if error is None:
+                        raise
+                    log.error("%s: %s\n%s", name, error, traceback.format_exc())
+                    raise error from None
             except OvmlError as e:
                 results.append({"stage": name, "status": "failed", "reason": str(e), "seconds": 0.0})
                 log.error("%s: failed: %s", name, e)
@@ -120,17 +126,3 @@ def _print_summary(console: Console, results: list[dict]) -> None:
     for r in results:
         table.add_row(r["stage"], r["status"], escape(r["reason"]), f"{r['seconds']:.1f}")
     console.print(table)
-
-
-def _open_log(run_dir: Path) -> logging.Logger:
-    """A fresh log file per run: runs/<name>/logs/<UTC timestamp>.log."""
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    logger = logging.getLogger(f"ovml.run.{stamp}")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    handler = logging.FileHandler(logs / f"{stamp}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    return logger

@@ -13,19 +13,18 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline import atomic, losses
 from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb, save_adapter
-from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, PART_GLOB, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY
+from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY, caption_parts
 from ovml.pipeline.clip import pick_device
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.metrics import average_precision, mean_average_precision
 from ovml.pipeline.progress import progress_bar
-from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
-from ovml.pipeline.text_embeddings import embedding_matrix, read_text_embeddings
+from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.text_embeddings import embedding_matrix, read_text_embeddings, text_embedding_parts
 from ovml.pipeline.vocabulary import multi_hot, read_vocabulary_json
 
 LOSSES = {"asl": losses.asl, "bce": losses.bce, "rank": losses.rank}
@@ -74,10 +73,11 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
     run_dir.require(TRAIN_LABELS, produced_by="embed_text")
     _check_clip_matches_embeddings(run_dir, cfg.clip)
     params = as_params(cfg)
-    inputs = files_under(run_dir.path, [CAPTIONS, TEXT_EMB, TRAIN_LABELS])
+    inputs = [*caption_parts(run_dir.path), *text_embedding_parts(run_dir / TEXT_EMB), run_dir / TRAIN_LABELS,
+              run_dir / VOCABULARY]
 
-    def body(resume: bool) -> dict:
-        return _train(cfg, run_dir, _read_training_data(run_dir))
+    def body(out: Path, resume: bool) -> dict:
+        return _train(cfg, out, _read_training_data(run_dir))
 
     return run_stage(run_dir, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
                      force=cfg.force, models={"clip": cfg.clip})
@@ -114,15 +114,17 @@ def _check_clip_matches_embeddings(run_dir: RunDir, clip: str) -> None:
 def _read_training_data(run_dir: RunDir) -> TrainingData:
     """Captions' verified labels as targets, joined to their text embeddings by caption_id."""
     vocabulary = read_vocabulary_json(run_dir / VOCABULARY)
-    labels = pq.read_table(run_dir / TRAIN_LABELS, columns=["label", "embedding"])
+    labels = atomic.read_parquet(run_dir / TRAIN_LABELS, f"ovml embed-text --force --run-dir {run_dir.path}",
+                                 columns=["label", "embedding"])
     label_templates = (labels.schema.metadata or {}).get(b"templates", b"pool").decode()
     if labels.column("label").to_pylist() != vocabulary:
         raise OvmlError(f"{run_dir / TRAIN_LABELS} does not list the labels of captions/vocabulary.json in "
                         f"order; re-run `ovml embed-text --force --run-dir {run_dir.path}`")
-    parts = sorted((run_dir / CAPTIONS).glob(PART_GLOB))
+    parts = caption_parts(run_dir.path)
     if not parts:
         raise OvmlError(f"no captions (part-*.parquet) in {run_dir / CAPTIONS}; run `ovml generate-text` first")
-    captions = pa.concat_tables(pq.read_table(p, columns=["caption_id", "labels"]) for p in parts)
+    captions = pa.concat_tables(atomic.read_parquet(p, f"ovml generate-text --run-dir {run_dir.path}",
+                                                    columns=["caption_id", "labels"]) for p in parts)
     text_ids, text_emb = read_text_embeddings(run_dir / TEXT_EMB)
     row = pc.index_in(captions.column("caption_id"), value_set=pa.array(text_ids, pa.string()))
     if row.null_count:
@@ -145,7 +147,7 @@ def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
     return targets
 
 
-def _train(cfg: TrainAdapterConfig, run_dir: RunDir, data: TrainingData) -> dict:
+def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     order = np.random.default_rng(cfg.seed).permutation(len(data.embeddings))
@@ -202,8 +204,8 @@ def _train(cfg: TrainAdapterConfig, run_dir: RunDir, data: TrainingData) -> dict
     model.load_state_dict(best["state"])
     best_map = None if math.isnan(best["val_mAP"]) else best["val_mAP"]
     config.training.update(best_epoch=best["epoch"], best_val_mAP=best_map)
-    save_adapter(run_dir / ADAPTER, model)
-    atomic.write_parquet(run_dir / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
+    save_adapter(out / ADAPTER, model)
+    atomic.write_parquet(out / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
     return {"captions": len(order), "labels": len(data.vocabulary), "epochs_run": len(log),
             "best_epoch": best["epoch"], "best_val_mAP": best_map}
 

@@ -108,11 +108,11 @@ def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_cli
     os.mkfifo(data / "3.jpg")
     (data / "labels.csv").write_text("path,labels\n" + "".join(f"{i}.jpg,l{i}\n" for i in range(5)))
     cfg = config(tmp_path, tiny_clip, "folder", data / "labels.csv", batch_size=1)
-    chunks = tmp_path / "run" / "images" / "folder" / "chunks"
+    staging = tmp_path / "run" / ".staging"  # where an unfinished cache is built, beside the finished ones
 
     def interrupt_when_blocked():
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list(chunks.glob("chunk-*.parquet"))) < 3:
+        while time.monotonic() < deadline and len(list(staging.rglob("chunk-*.parquet"))) < 3:
             time.sleep(0.05)
         time.sleep(0.2)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -120,16 +120,16 @@ def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_cli
     threading.Thread(target=interrupt_when_blocked, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         embed_images(cfg)
-    assert len(list(chunks.glob("chunk-*.parquet"))) == 3
+    assert len(list(staging.rglob("chunk-*.parquet"))) == 3
     (data / "3.jpg").unlink()
     helpers.write_jpeg(data / "3.jpg", 99)
 
     outcome = embed_images(cfg)
     _, items, _ = read_image_cache(tmp_path / "run" / "images" / "folder")
-    assert outcome.reason == "resuming an interrupted run"
+    assert outcome.reason.startswith("resuming an interrupted run")
     assert outcome.summary["reused"] == 3
     assert items["image_id"].to_pylist() == [f"{i}.jpg" for i in range(5)]
-    assert not chunks.exists()
+    assert not (tmp_path / "run" / "images" / "folder" / "chunks").exists() and not list(staging.rglob("*.parquet"))
 
 
 def test_non_positive_limit_is_a_user_error(tmp_path, tiny_clip):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import ovml.stages.embed_text as stage
 from ovml.cli import app
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
@@ -129,21 +130,26 @@ def test_changed_captions_are_embedded_again(tiny_clip, tmp_path):
     np.testing.assert_allclose(matrix[0], open_clip_reference(tiny_clip, ["a bicycle"])[0], atol=1e-5)
 
 
-def test_interrupted_run_resumes_keeping_finished_parts_and_writing_the_missing_one(tiny_clip, tmp_path):
-    write_captions(tmp_path)
-    embed_text(config(tmp_path, tiny_clip))
-    kept, lost = tmp_path / "text_emb" / "part-00000.parquet", tmp_path / "text_emb" / "part-00001.parquet"
-    expected_lost = lost.read_bytes()
-    kept_mtime = kept.stat().st_mtime_ns
-    # What a kill after the first part leaves behind: a "running" record with this fingerprint, one part.
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["stages"]["embed_text"]["status"] = "running"
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    lost.unlink()
-    outcome = embed_text(config(tmp_path, tiny_clip))
-    assert outcome.reason == "resuming an interrupted run" and outcome.summary["resumed_parts"] == 1
-    assert kept.stat().st_mtime_ns == kept_mtime
-    assert lost.read_bytes() == expected_lost
+def test_interrupted_run_resumes_keeping_finished_parts_and_writing_the_missing_one(tiny_clip, tmp_path,
+                                                                                 monkeypatch):
+    write_captions(tmp_path / "straight")
+    embed_text(config(tmp_path / "straight", tiny_clip))
+    write_captions(tmp_path / "killed")
+    real_write = stage.write_text_embeddings
+
+    def write_then_die(path, *args, **kwargs):
+        real_write(path, *args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the first part landed
+
+    monkeypatch.setattr(stage, "write_text_embeddings", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embed_text(config(tmp_path / "killed", tiny_clip))
+    assert not (tmp_path / "killed" / "text_emb").exists()  # nothing half-made where readers look
+    monkeypatch.setattr(stage, "write_text_embeddings", real_write)
+    outcome = embed_text(config(tmp_path / "killed", tiny_clip))
+    assert outcome.reason.startswith("resuming an interrupted run") and outcome.summary["resumed_parts"] == 1
+    assert [p.read_bytes() for p in sorted((tmp_path / "killed" / "text_emb").iterdir())] == \
+        [p.read_bytes() for p in sorted((tmp_path / "straight" / "text_emb").iterdir())]
 
 
 def test_same_config_writes_byte_identical_parts(tiny_clip, tmp_path):
@@ -198,3 +204,24 @@ def test_cli_reports_missing_captions_in_one_line_with_exit_code_2(tiny_clip, tm
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error:") and "generate-text" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_topped_up_caption_pool_embeds_only_its_new_parts(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "text_emb").iterdir()}
+    write_captions(tmp_path, {"part-00007.parquet": ["a kite over the beach"]})
+    outcome = embed_text(config(tmp_path, tiny_clip))
+    assert outcome.summary["reused_parts"] == len(before) and outcome.summary["texts_per_s"] is not None
+    after = {p.name: p.read_bytes() for p in (tmp_path / "text_emb").iterdir()}
+    assert {name: after[name] for name in before} == before and "part-00007.parquet" in after
+
+
+def test_captions_set_aside_in_the_archive_are_neither_read_nor_fingerprinted(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    first = embed_text(config(tmp_path, tiny_clip))
+    archived = tmp_path / "captions" / "archive" / "0123456789abcdef" / "part-00000.parquet"
+    archived.parent.mkdir(parents=True)
+    archived.write_bytes(b"not even parquet")
+    assert embed_text(config(tmp_path, tiny_clip)).status == "skipped"
+    assert embed_text(config(tmp_path, tiny_clip, force=True)).summary["texts"] == first.summary["texts"]

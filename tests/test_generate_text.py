@@ -80,6 +80,11 @@ def part_bytes(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run_dir / "captions").glob("part-*.parquet"))}
 
 
+def staged_part_bytes(run_dir: Path) -> dict[str, bytes]:
+    """Parts an unfinished attempt wrote: beside the pool, not in it, until the attempt completes."""
+    return {p.name: p.read_bytes() for p in sorted((run_dir / ".staging").rglob("part-*.parquet"))}
+
+
 def test_every_label_reaches_per_label_kept_captions(tmp_path, labels_file, use_backend):
     use_backend(ScriptedBackend(faithful))
     stage.generate_text(config(labels_file, tmp_path / "run"))
@@ -156,7 +161,8 @@ def test_interrupted_run_resumes_to_the_same_parts_as_an_uninterrupted_one(tmp_p
     use_backend(ScriptedBackend(faithful, interrupt_at=6))
     with pytest.raises(KeyboardInterrupt):
         stage.generate_text(config(labels_file, tmp_path / "resumed"))
-    parts_before = part_bytes(tmp_path / "resumed")
+    assert part_bytes(tmp_path / "resumed") == {}
+    parts_before = staged_part_bytes(tmp_path / "resumed")
     assert 0 < len(parts_before) < len(part_bytes(tmp_path / "straight"))
     resumed_backend = use_backend(ScriptedBackend(faithful))
     resumed = stage.generate_text(config(labels_file, tmp_path / "resumed"))
@@ -241,3 +247,108 @@ def test_cli_reports_a_missing_labels_file_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def rows_by_id(run_dir: Path) -> dict[str, dict]:
+    return {row["caption_id"]: row for row in read_captions(run_dir)}
+
+
+def test_raising_per_label_tops_up_keeping_every_row_and_id(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run", per_label=2))
+    before, old_parts = rows_by_id(tmp_path / "run"), part_bytes(tmp_path / "run")
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run", per_label=4))
+    after, new_parts = rows_by_id(tmp_path / "run"), part_bytes(tmp_path / "run")
+    assert {k: new_parts[k] for k in old_parts} == old_parts
+    assert min(new_parts.keys() - old_parts.keys()) > max(old_parts)
+    assert {k: after[k] for k in before} == before and len(after) > len(before)
+    assert outcome.summary["pool"]["kept"] == len(before)
+    assert outcome.summary["pool"]["added"] == len(after) - len(before)
+    assert min(Counter(label for row in after.values() for label in row["labels"]).values()) >= 4
+
+
+def test_lowering_per_label_keeps_every_row_and_says_so(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run", per_label=3))
+    before = part_bytes(tmp_path / "run")
+    backend = use_backend(ScriptedBackend(faithful))
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run", per_label=1))
+    assert part_bytes(tmp_path / "run") == before and backend.answers == []
+    assert "nothing generated" in outcome.summary["pool"]["note"]
+
+
+@pytest.mark.parametrize("setting", [{"base_url": "http://other-host:8000/v1"}, {"concurrency": 9},
+                                     {"max_rounds": 7}, {"part_size": 2}])
+def test_settings_that_do_not_change_how_captions_are_made_do_not_rerun(tmp_path, labels_file, use_backend,
+                                                                        setting):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run", backend="openai", base_url="http://host:8000/v1"))
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run", backend="openai",
+                                         **{"base_url": "http://host:8000/v1", **setting}))
+    assert outcome.status == "skipped"
+
+
+def test_a_recipe_change_sets_the_old_parts_aside_and_makes_new_ones(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    first = stage.generate_text(config(labels_file, tmp_path / "run"))
+    old_parts = part_bytes(tmp_path / "run")
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run", temperature=0.3))
+    pool = outcome.summary["pool"]
+    archive = tmp_path / "run" / pool["archive"][0]
+    assert archive.parent == tmp_path / "run" / "captions" / "archive"
+    assert {p.name: p.read_bytes() for p in archive.glob("part-*.parquet")} == old_parts
+    assert pool["set_aside"] == first.summary["kept"] and pool["kept"] == 0 and pool["added"] > 0
+    assert pool["recipe"] != first.summary["pool"]["recipe"]
+
+
+def test_archived_parts_survive_later_recipe_changes(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    for temperature in (0.8, 0.3, 0.5):
+        stage.generate_text(config(labels_file, tmp_path / "run", temperature=temperature))
+    assert len(list((tmp_path / "run" / "captions" / "archive").iterdir())) == 2
+
+
+def test_parts_merged_from_another_shard_are_kept_and_counted(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    for shard in (0, 1):
+        stage.generate_text(config(labels_file, tmp_path / f"shard{shard}", num_shards=2, shard_index=shard))
+    for part in (tmp_path / "shard1" / "captions").glob("part-*.parquet"):
+        (tmp_path / "shard0" / "captions" / part.name).write_bytes(part.read_bytes())
+    merged = part_bytes(tmp_path / "shard0")
+    backend = use_backend(ScriptedBackend(faithful))
+    outcome = stage.generate_text(config(labels_file, tmp_path / "shard0"))
+    assert part_bytes(tmp_path / "shard0") == merged and backend.answers == []
+    assert outcome.summary["pool"]["kept"] == len(read_captions(tmp_path / "shard0"))
+
+
+def test_only_force_deletes_captions(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run", per_label=4))
+    stage.generate_text(config(labels_file, tmp_path / "run", temperature=0.3, per_label=4))
+    stage.generate_text(config(labels_file, tmp_path / "run", per_label=1, force=True))
+    stage.generate_text(config(labels_file, tmp_path / "fresh", per_label=1))
+    assert part_bytes(tmp_path / "run") == part_bytes(tmp_path / "fresh")
+    assert not (tmp_path / "run" / "captions" / "archive").exists()
+
+
+def test_a_stalled_run_resumes_as_its_message_says(tmp_path, labels_file, use_backend):
+    def rarely_horse(labels: list[str], seed: int) -> str:
+        return faithful([x for x in labels if x != "horse" or seed % 4 == 0] or ["dog"], seed)
+
+    use_backend(ScriptedBackend(rarely_horse))
+    with pytest.raises(OvmlError, match="lower --per-label or raise --max-rounds, then run again to resume"):
+        stage.generate_text(config(labels_file, tmp_path / "run", max_rounds=1))
+    staged = staged_part_bytes(tmp_path / "run")
+    assert staged and not (tmp_path / "run" / "captions").exists()
+    stage.generate_text(config(labels_file, tmp_path / "run", max_rounds=20))
+    assert {k: part_bytes(tmp_path / "run")[k] for k in staged} == staged
+
+
+def test_a_failing_backend_leaves_the_previous_pool_intact(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run"))
+    before = part_bytes(tmp_path / "run")
+    use_backend(ScriptedBackend(faithful, interrupt_at=5))
+    with pytest.raises(KeyboardInterrupt):
+        stage.generate_text(config(labels_file, tmp_path / "run", per_label=6))
+    assert part_bytes(tmp_path / "run") == before

@@ -6,7 +6,6 @@ starting their own.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,8 @@ from pathlib import Path
 import helpers
 import pytest
 
+import ovml.stages.embed_text as embed_text_stage
+import ovml.stages.generate_text as generate_text_stage
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.ray_engine import ray_map
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
@@ -38,11 +39,10 @@ def tree_bytes(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def mark_interrupted(run_dir: Path, stage: str) -> None:
-    """What a kill leaves in the manifest: the stage "running" with the same fingerprint."""
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    manifest["stages"][stage]["status"] = "running"
-    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+def staged(run_dir: Path, name: str) -> Path:
+    """The one file called `name` that a killed attempt left in .staging/ (where outputs are built)."""
+    [path] = (run_dir / ".staging").rglob(name)
+    return path
 
 
 def images_config(run_dir: Path, clip: str, csv_file: Path, **overrides) -> EmbedImagesConfig:
@@ -71,11 +71,11 @@ def test_embed_images_on_ray_resumes_a_killed_local_run_embedding_only_the_missi
     (data / "3.jpg").rename(data / "3.jpg.real")
     os.mkfifo(data / "3.jpg")
     cfg = images_config(tmp_path / "resumed", tiny_clip, data / "labels.csv", batch_size=1)
-    chunks = tmp_path / "resumed" / "images" / "folder" / "chunks"
+    staging = tmp_path / "resumed" / ".staging"
 
     def interrupt_when_blocked():
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list(chunks.glob("chunk-*.parquet"))) < 3:
+        while time.monotonic() < deadline and len(list(staging.rglob("chunk-*.parquet"))) < 3:
             time.sleep(0.05)
         time.sleep(0.2)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -87,7 +87,7 @@ def test_embed_images_on_ray_resumes_a_killed_local_run_embedding_only_the_missi
     (data / "3.jpg.real").rename(data / "3.jpg")
 
     outcome = embed_images(EmbedImagesConfig(**{**cfg.__dict__, "engine": "ray"}))
-    assert (outcome.reason, outcome.summary["reused"]) == ("resuming an interrupted run", 3)
+    assert outcome.reason.startswith("resuming an interrupted run") and outcome.summary["reused"] == 3
     assert tree_bytes(tmp_path / "resumed" / "images") == tree_bytes(tmp_path / "straight" / "images")
 
 
@@ -124,19 +124,40 @@ def test_embed_text_on_ray_writes_the_local_parts_and_labels_byte_for_byte(tmp_p
         assert tree_bytes(tmp_path / "ray" / folder) == tree_bytes(tmp_path / "local" / folder)
 
 
-def test_embed_text_on_ray_resumes_writing_only_the_missing_parts(tmp_path, tiny_clip, local_ray):
-    write_captions(tmp_path, CAPTIONS)
-    embed_text(text_config(tmp_path, tiny_clip))
-    expected = tree_bytes(tmp_path / "text_emb")
-    kept = tmp_path / "text_emb" / "part-00001.parquet"
-    kept_mtime = kept.stat().st_mtime_ns
-    mark_interrupted(tmp_path, "embed_text")
-    for lost in ("part-00000.parquet", "part-00002.parquet"):
-        (tmp_path / "text_emb" / lost).unlink()
-    outcome = embed_text(text_config(tmp_path, tiny_clip, engine="ray"))
-    assert (outcome.reason, outcome.summary["resumed_parts"]) == ("resuming an interrupted run", 1)
-    assert kept.stat().st_mtime_ns == kept_mtime
-    assert tree_bytes(tmp_path / "text_emb") == expected
+def test_embed_text_on_ray_resumes_a_killed_local_run_writing_only_the_missing_parts(tmp_path, tiny_clip,
+                                                                                   local_ray, monkeypatch):
+    write_captions(tmp_path / "straight", CAPTIONS)
+    embed_text(text_config(tmp_path / "straight", tiny_clip))
+    write_captions(tmp_path / "killed", CAPTIONS)
+    real_write = embed_text_stage.write_text_embeddings
+
+    def write_then_die(path, *args, **kwargs):
+        real_write(path, *args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the first part landed
+
+    monkeypatch.setattr(embed_text_stage, "write_text_embeddings", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embed_text(text_config(tmp_path / "killed", tiny_clip))
+    monkeypatch.setattr(embed_text_stage, "write_text_embeddings", real_write)
+    kept = staged(tmp_path / "killed", "part-00000.parquet").stat()
+    outcome = embed_text(text_config(tmp_path / "killed", tiny_clip, engine="ray"))
+    assert outcome.reason.startswith("resuming an interrupted run") and outcome.summary["resumed_parts"] == 1
+    committed = (tmp_path / "killed" / "text_emb" / "part-00000.parquet").stat()
+    assert (committed.st_ino, committed.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    assert tree_bytes(tmp_path / "killed" / "text_emb") == tree_bytes(tmp_path / "straight" / "text_emb")
+
+
+def test_embed_text_on_ray_embeds_only_the_new_parts_of_a_topped_up_pool(tmp_path, tiny_clip, local_ray):
+    for run in ("local", "ray"):
+        write_captions(tmp_path / run, CAPTIONS)
+        embed_text(text_config(tmp_path / run, tiny_clip))
+        write_captions(tmp_path / run, {"part-00003.parquet": ["a kite over the beach", "a dog"]})
+    earlier = (tmp_path / "ray" / "text_emb" / "part-00001.parquet").stat().st_ino
+    embed_text(text_config(tmp_path / "local", tiny_clip))
+    outcome = embed_text(text_config(tmp_path / "ray", tiny_clip, engine="ray"))
+    assert (outcome.summary["reused_parts"], outcome.summary["texts"]) == (3, 9)
+    assert (tmp_path / "ray" / "text_emb" / "part-00001.parquet").stat().st_ino == earlier  # kept, not rewritten
+    assert tree_bytes(tmp_path / "ray" / "text_emb") == tree_bytes(tmp_path / "local" / "text_emb")
 
 
 class DiesOnce:
@@ -161,7 +182,23 @@ def test_a_lost_actor_is_restarted_and_its_work_redone(tmp_path, local_ray):
     assert {unit: table["x"].to_pylist() for unit, table in done.items()} == {i: [i] for i in range(4)}
 
 
+class MissingModel:
+    """A worker that meets a user error on its node, as an actor whose GGUF path is absent there."""
+
+    def __init__(self, path: str):
+        raise OvmlError(f"GGUF model {path} does not exist; pass --model PATH to a .gguf file")
+
+
 def test_an_error_inside_an_actor_reaches_the_user_as_one_line(tmp_path, local_ray):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with pytest.raises(OvmlError) as error:
+        list(ray_map([{"unit": 0}], {0: 1}, MissingModel, ("/nodes/disk/absent.gguf",), address="auto", actors=1))
+    assert str(error.value) == "GGUF model /nodes/disk/absent.gguf does not exist; pass --model PATH to a .gguf file"
+
+
+def test_generate_text_on_ray_checks_the_model_in_the_driver_before_any_actor_starts(tmp_path, local_ray,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(generate_text_stage, "ray_chat", None)  # calling it would fail loudly
     labels = tmp_path / "labels.txt"
     labels.write_text("dog\ncat\n")
     cfg = GenerateTextConfig(run_dir=tmp_path / "run", labels=str(labels), model=str(tmp_path / "absent.gguf"),
@@ -170,6 +207,7 @@ def test_an_error_inside_an_actor_reaches_the_user_as_one_line(tmp_path, local_r
         generate_text(cfg)
     assert str(error.value) == (f"GGUF model {tmp_path / 'absent.gguf'} does not exist; "
                                 "pass --model PATH to a .gguf file")
+    assert not (tmp_path / "run" / "captions").exists()
 
 
 def test_engine_ray_without_ray_installed_is_a_one_line_error(tmp_path, tiny_clip, monkeypatch):
@@ -207,15 +245,38 @@ def test_generate_text_on_ray_writes_the_local_captions_with_the_same_seed(tmp_p
 
 
 @pytest.mark.slow
-def test_generate_text_on_ray_resumes_generating_only_the_missing_parts(tmp_path, local_ray):
+def test_generate_text_on_ray_resumes_a_killed_local_run_generating_only_the_missing_parts(tmp_path, local_ray,
+                                                                                        monkeypatch):
     generate_text(generate_config(tmp_path, "straight"))
     expected = caption_bytes(tmp_path / "straight")
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    mark_interrupted(tmp_path / "resumed", "generate_text")
-    kept = sorted((tmp_path / "resumed" / "captions").glob("part-*.parquet"))[0]
-    kept_mtime = kept.stat().st_mtime_ns
-    for lost in sorted((tmp_path / "resumed" / "captions").glob("part-*.parquet"))[1:]:
-        lost.unlink()
-    generate_text(generate_config(tmp_path, "resumed", engine="ray"))
-    assert kept.stat().st_mtime_ns == kept_mtime
+    real_generate_part, calls = generate_text_stage._generate_part, []
+
+    def die_on_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the first part landed in staging
+        return real_generate_part(*args, **kwargs)
+
+    monkeypatch.setattr(generate_text_stage, "_generate_part", die_on_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        generate_text(generate_config(tmp_path, "resumed"))
+    monkeypatch.setattr(generate_text_stage, "_generate_part", real_generate_part)
+    kept = staged(tmp_path / "resumed", "part-00000.parquet").stat()
+    outcome = generate_text(generate_config(tmp_path, "resumed", engine="ray"))
+    assert outcome.reason.startswith("resuming an interrupted run")
+    committed = (tmp_path / "resumed" / "captions" / "part-00000.parquet").stat()
+    assert (committed.st_ino, committed.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
     assert caption_bytes(tmp_path / "resumed") == expected
+
+
+@pytest.mark.slow
+def test_generate_text_on_ray_tops_up_the_pool_as_the_local_engine_does(tmp_path, local_ray):
+    generate_text(generate_config(tmp_path, "local", per_label=1))
+    shutil.copytree(tmp_path / "local", tmp_path / "ray")
+    kept = {p.name: p.stat().st_ino for p in (tmp_path / "ray" / "captions").glob("part-*.parquet")}
+    local = generate_text(generate_config(tmp_path, "local", per_label=3))
+    on_ray = generate_text(generate_config(tmp_path, "ray", per_label=3, engine="ray"))
+    assert on_ray.summary["pool"]["kept"] > 0 and on_ray.summary["pool"]["added"] > 0
+    assert {name: (tmp_path / "ray" / "captions" / name).stat().st_ino for name in kept} == kept
+    assert caption_bytes(tmp_path / "ray") == caption_bytes(tmp_path / "local")
+    assert on_ray.summary == local.summary

@@ -90,15 +90,12 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
 
 
 def wait_until_running(workdir: Path, stage: str, process: subprocess.Popen) -> None:
-    """Poll the manifest until `stage` is recorded as running (the window a kill must land in)."""
-    manifest = workdir / "run" / "manifest.json"
+    """Poll until `stage` has started building its outputs in .staging/ (the window a kill must land in)."""
+    attempt = workdir / "run" / ".staging" / stage / "attempt.json"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        try:
-            if json.loads(manifest.read_text())["stages"].get(stage, {}).get("status") == "running":
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        if attempt.exists():
+            return
         time.sleep(0.005)
     raise AssertionError(f"{stage} was never seen running")
 

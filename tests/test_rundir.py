@@ -1,4 +1,5 @@
-"""Run directory: manifest records, the up-to-date rule, resume vs clean re-run, the lock, atomic writes."""
+"""Run directory: manifest records, the up-to-date rule, staged outputs swapped in whole, resume vs clean re-run,
+input verification, the lock, atomic writes."""
 
 import json
 import os
@@ -11,14 +12,14 @@ import pyarrow as pa
 import pytest
 
 from ovml.pipeline import atomic
-from ovml.pipeline.errors import RunDirLocked
+from ovml.pipeline.errors import OvmlError, RunDirLocked
 from ovml.pipeline.rundir import RunDir, lock_run_dir, run_stage
 
 
 def make_stage(rd: RunDir, calls: list, value: str = "x"):
-    def body(resume: bool) -> dict:
+    def body(out, resume: bool) -> dict:
         calls.append(resume)
-        atomic.write_text(rd / "out/result.txt", value)
+        atomic.write_text(out / "out/result.txt", value)
         return {"value": value}
     return body
 
@@ -76,15 +77,15 @@ def test_force_reruns(tmp_path):
 
 def interrupt_then_rerun(rd: RunDir, params_on_rerun: dict) -> tuple[bool, bool]:
     """Kill a stage after it wrote one shard, re-run it; what the re-run saw: (resume, shard still there)."""
-    def dies(resume):
-        atomic.write_text(rd / "out/part-0.txt", "done")
+    def dies(out, resume):
+        atomic.write_text(out / "out/part-0.txt", "done")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"], body=dies)
     seen = []
     run_stage(rd, "demo", params=params_on_rerun, inputs=[], outputs=["out"],
-              body=lambda resume: seen.append((resume, (rd / "out/part-0.txt").exists())) or {})
+              body=lambda out, resume: seen.append((resume, (out / "out/part-0.txt").exists())) or {})
     return seen[0]
 
 
@@ -94,6 +95,75 @@ def test_interrupted_attempt_with_same_params_resumes_and_keeps_its_outputs(tmp_
 
 def test_interrupted_attempt_with_other_params_starts_clean(tmp_path):
     assert interrupt_then_rerun(RunDir(tmp_path), {"p": 2}) == (False, False)
+
+
+def test_while_the_body_runs_the_old_outputs_are_still_in_place(tmp_path):
+    rd = RunDir(tmp_path)
+    run_once(rd, [], params={"v": 1})
+    seen = []
+    run_stage(rd, "demo", params={"v": 2}, inputs=[], outputs=["out"],
+              body=lambda out, resume: seen.append((tmp_path / "out/result.txt").read_text()) or {})
+    assert seen == ["{'v': 1}"]
+
+
+def test_a_failing_body_leaves_the_old_outputs_and_their_record(tmp_path):
+    rd = RunDir(tmp_path)
+    run_once(rd, [], params={"v": 1})
+    record, digest = rd.stage_record("demo"), atomic.sha256_file(tmp_path / "out/result.txt")
+
+    def fails(out, resume):
+        atomic.write_text(out / "out/result.txt", "half")
+        raise RuntimeError("crash in the middle")
+
+    with pytest.raises(RuntimeError):
+        run_stage(rd, "demo", params={"v": 2}, inputs=[], outputs=["out"], body=fails)
+    assert atomic.sha256_file(tmp_path / "out/result.txt") == digest
+    assert rd.stage_record("demo") == record
+
+
+def test_new_outputs_replace_the_old_ones_whole(tmp_path):
+    rd = RunDir(tmp_path)
+    atomic.write_text(tmp_path / "out/stale.txt", "from an older run")
+    run_once(rd, [], params={"v": 1})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["result.txt"]
+    assert not (tmp_path / ".staging" / "demo").exists()
+
+
+def test_a_commit_killed_before_the_manifest_is_written_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    rd = RunDir(tmp_path)
+    run_once(rd, [], params={"v": 1})
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "_put_record", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run_once(rd, [], params={"v": 2})
+    calls = []
+    assert run_once(rd, calls, params={"v": 2}).status == "skipped" and calls == []
+    assert (tmp_path / "out/result.txt").read_text() == "{'v': 2}"
+    assert rd.stage_record("demo")["params"] == {"v": 2}
+
+
+def test_exchange_swaps_a_file_and_a_folder_in_one_step(tmp_path):
+    (tmp_path / "a").write_text("file")
+    (tmp_path / "b").mkdir()
+    if not atomic.exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this filesystem cannot exchange; run_stage falls back to two renames")
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").read_text() == "file"
+
+
+def test_an_input_that_differs_from_its_producers_record_stops_the_consumer(tmp_path):
+    rd = RunDir(tmp_path)
+    run_once(rd, [])
+    (tmp_path / "out/result.txt").write_text("flipped bytes")
+    with pytest.raises(OvmlError, match=r"out/result.txt is not the file `ovml demo` wrote .* "
+                                        r"`ovml demo --force --run-dir"):
+        run_stage(rd, "consumer", params={}, inputs=[tmp_path / "out/result.txt"], outputs=["c"],
+                  body=lambda out, resume: {})
+
+
+def test_a_damaged_manifest_is_a_one_line_error(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"stages": {"demo": {"status": "fini')
+    with pytest.raises(OvmlError, match="manifest.json is damaged"):
+        RunDir(tmp_path).manifest()
 
 
 def test_lock_is_reentrant_in_one_process(tmp_path):
