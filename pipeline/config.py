@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from ovml.pipeline.errors import OvmlError
 
-SHARED_KEYS = ("run_dir", "clip", "seed", "device")
+SHARED_KEYS = ("run_dir", "clip", "seed", "device", "engine", "ray_address")
 SECTIONS = ("generate_text", "embed_text", "train_adapter", "embed_images", "eval", "predict", "search", "run",
             "train_testbed")
 

@@ -6,9 +6,11 @@ killed run loses at most one batch; the last step assembles the cache and drops 
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +26,11 @@ from ovml.pipeline.datasets import Dataset, Record, read_dataset
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
 from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.text_embeddings import embedding_matrix
+
+CHUNK_COLUMNS = ["row", "error", "embedding"]  # chunks/chunk-<first row>.parquet; error null <-> embedding set
 
 
 @dataclass
@@ -39,6 +44,9 @@ class EmbedImagesConfig:
     mosaic: int = 2
     batch_size: int = not_fingerprinted(64)
     workers: int = not_fingerprinted(2)
+    engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same chunks, same cache
+    ray_address: str = not_fingerprinted("auto")
+    ray_actors: int = not_fingerprinted(2)
     force: bool = not_fingerprinted(False)
 
 
@@ -47,6 +55,7 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
         raise OvmlError(f"--limit must be at least 1, got {cfg.limit}")
     if cfg.batch_size < 1 or cfg.workers < 0:
         raise OvmlError(f"--batch-size must be >= 1 and --workers >= 0, got {cfg.batch_size} and {cfg.workers}")
+    check_engine(cfg.engine, cfg.ray_actors)
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
@@ -66,23 +75,21 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
 
 
 def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bool) -> dict:
-    encoder = load_clip(cfg.clip, cfg.device)
+    # On Ray the driver embeds nothing: its CPU copy only tells the cache's width and whether weights are random.
+    encoder = load_clip(cfg.clip, "cpu" if cfg.engine == "ray" else cfg.device)
     records = dataset.records[:cfg.limit]
     chunks = directory / "chunks"
     done = _done_rows(chunks) if resume else set()
     todo = [row for row in range(len(records)) if row not in done]
-    loader = torch.utils.data.DataLoader(
-        _Pixels(records, todo, encoder.preprocess), batch_size=cfg.batch_size, num_workers=cfg.workers,
-        collate_fn=_collate,
-    )
+    batches = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
+    chunk_tables = _chunks_on_ray(cfg, dataset, batches) if cfg.engine == "ray" else \
+        _chunks_locally(cfg, records, todo, encoder)
     started = time.perf_counter()
     with progress_bar("images") as progress:
         task = progress.add_task(f"embed-images {dataset.name}", total=len(records), completed=len(done))
-        for rows, pixels, errors in loader:
-            vectors = encoder.encode_image_batch(pixels) if pixels is not None else None
-            atomic.write_parquet(chunks / f"chunk-{rows[0]:09d}.parquet",
-                                 _chunk_table(rows, vectors, errors, encoder.dim))
-            progress.advance(task, len(rows))
+        for first_row, table in chunk_tables:
+            atomic.write_parquet(chunks / f"chunk-{first_row:09d}.parquet", table)
+            progress.advance(task, table.num_rows)
     seconds = time.perf_counter() - started
 
     table = pa.concat_tables(pq.read_table(p) for p in sorted(chunks.glob("chunk-*.parquet"))).sort_by("row")
@@ -104,6 +111,53 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
     if todo:
         summary["images_per_s"] = round(len(todo) / seconds, 2)
     return summary
+
+
+def _chunks_locally(cfg: EmbedImagesConfig, records: list[Record], todo: list[int], encoder):
+    """(first row, chunk table) per batch of `todo`, decoded by DataLoader workers, embedded here."""
+    loader = torch.utils.data.DataLoader(
+        _Pixels(records, todo, encoder.preprocess), batch_size=cfg.batch_size, num_workers=cfg.workers,
+        collate_fn=_collate,
+    )
+    for rows, pixels, errors in loader:
+        yield rows[0], _embed_chunk(encoder, rows, pixels, errors)
+
+
+def _chunks_on_ray(cfg: EmbedImagesConfig, dataset: Dataset, batches: list[list[int]]):
+    """The same (first row, chunk table) pairs, from CLIP actors; each actor reads the dataset itself."""
+    items = [{UNIT: rows[0], "rows": rows} for rows in batches]
+    worker_args = (cfg.clip, cfg.device, dataset.name, str(dataset.root), cfg.mosaic, cfg.limit, cfg.workers)
+    for first_row, table in ray_map(items, {rows[0]: len(rows) for rows in batches}, ImageChunkWorker, worker_args,
+                                    address=cfg.ray_address, actors=cfg.ray_actors, device=cfg.device):
+        yield first_row, pa.table([table[name].combine_chunks() for name in CHUNK_COLUMNS], names=CHUNK_COLUMNS)
+
+
+class ImageChunkWorker:
+    """A Ray actor: CLIP loaded once, then batches of row numbers -> the chunk tables the local engine writes.
+
+    It decodes its images with `workers` threads (decoding and resizing release the GIL), the actor's
+    counterpart of the local engine's DataLoader workers: one core decodes far fewer images than a GPU embeds.
+    """
+
+    def __init__(self, clip: str, device: str, dataset: str, root: str, mosaic: int, limit: int | None,
+                 workers: int):
+        self.encoder = load_clip(clip, device)
+        self.records = read_dataset(dataset, root, mosaic=mosaic).records[:limit]
+        self.decoders = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tables = []
+        for unit, rows in zip(batch[UNIT].to_pylist(), batch["rows"].to_pylist(), strict=True):
+            pixels = _Pixels(self.records, rows, self.encoder.preprocess)
+            table = _embed_chunk(self.encoder, *_collate(list(self.decoders.map(pixels.__getitem__,
+                                                                                range(len(rows))))))
+            tables.append(table.append_column(UNIT, pa.array([unit] * len(rows), pa.int64())))
+        return pa.concat_tables(tables)
+
+
+def _embed_chunk(encoder, rows: list[int], pixels: torch.Tensor | None, errors: dict[int, str]) -> pa.Table:
+    vectors = encoder.encode_image_batch(pixels) if pixels is not None else None
+    return _chunk_table(rows, vectors, errors, encoder.dim)
 
 
 class _Pixels(torch.utils.data.Dataset):

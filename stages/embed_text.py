@@ -18,8 +18,9 @@ from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
 from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
-from ovml.pipeline.text_embeddings import text_embedding_parts, write_text_embeddings
+from ovml.pipeline.text_embeddings import embedding_array, embedding_matrix, text_embedding_parts, write_text_embeddings
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
 TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a resumed run still totals it
@@ -34,6 +35,9 @@ class EmbedTextConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     store_dtype: Literal["float32", "float16"] = "float32"
     templates: Literal["pool", "single"] = "pool"
+    engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same parts either way
+    ray_address: str = not_fingerprinted("auto")
+    ray_actors: int = not_fingerprinted(2)
     force: bool = not_fingerprinted(False)
 
 
@@ -48,6 +52,7 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     labels = read_vocabulary_json(run_dir.require(VOCABULARY, produced_by="generate_text"))
     if cfg.batch_size < 1:
         raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
+    check_engine(cfg.engine, cfg.ray_actors)
     autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
     params = as_params(cfg)
     params["label_templates_sha256"] = templates_digest(cfg.templates)
@@ -77,25 +82,27 @@ def _earlier_parts(run_dir: RunDir, params: dict, parts: list[Path]) -> dict[str
 def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earlier: dict[str, Path], out: Path,
                resume: bool) -> dict:
     """Parts already in out/text_emb/ were finished by an interrupted attempt with the same fingerprint, and
-    `earlier` ones by the last finished run: both kept."""
+    `earlier` ones by the last finished run: both kept.
+
+    Label prompts are embedded here on either engine: a few hundred per label, next to millions of captions.
+    """
     encoder = load_clip(cfg.clip, cfg.device)
     resumed = sum((out / TEXT_EMB / p.name).exists() for p in parts)
     for name, made in earlier.items():
         atomic.link_or_copy(made, out / TEXT_EMB / name)
     todo = [p for p in parts if not (out / TEXT_EMB / p.name).exists()]
-    embedded, seconds = 0, 0.0
     with progress_bar("texts") as bar:
         captions = {part: _read_captions(part) for part in todo}
         task = bar.add_task("captions", total=sum(len(texts) for _, texts in captions.values()))
-        for part, (caption_ids, texts) in captions.items():
-            start = time.perf_counter()
-            tokens, truncated = encoder.tokenize(texts)
-            embeddings = encoder.encode_tokens(tokens, cfg.batch_size, precision=cfg.precision,
-                                               progress=lambda n: bar.advance(task, n))
-            seconds += time.perf_counter() - start
-            write_text_embeddings(out / TEXT_EMB / part.name, caption_ids, embeddings, cfg.store_dtype,
+        progress = functools.partial(bar.advance, task)
+        embedded, started = 0, time.perf_counter()
+        embeddings = _on_ray(cfg, captions, progress) if cfg.engine == "ray" else \
+            _locally(cfg, encoder, captions, progress)
+        for part, caption_ids, vectors, truncated in embeddings:
+            write_text_embeddings(out / TEXT_EMB / part.name, caption_ids, vectors, cfg.store_dtype,
                                   metadata={TRUNCATED_KEY: str(int(truncated.sum())), "clip": cfg.clip})
-            embedded += len(texts)
+            embedded += len(caption_ids)
+        seconds = time.perf_counter() - started
         labels_task = bar.add_task("label prompts", total=len(labels) * len(load_templates(cfg.templates)))
         label_embeddings(encoder, labels, cfg.templates, cache_dir=(out / TRAIN_LABELS).parent,
                          name=Path(TRAIN_LABELS).stem, progress=lambda n: bar.advance(labels_task, n))
@@ -103,13 +110,52 @@ def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earli
     return {
         "texts": sum(f.metadata.num_rows for f in written),
         "truncated": sum(int(f.schema_arrow.metadata[TRUNCATED_KEY.encode()]) for f in written),
-        "texts_per_s": round(embedded / seconds, 1) if seconds else None,
+        "texts_per_s": round(embedded / seconds, 1) if embedded else None,  # writing parts included
         "resumed_parts": resumed,
         "reused_parts": len(parts) - len(todo) - resumed,
         "dim": encoder.dim,
         "store_dtype": cfg.store_dtype,
         "labels": len(labels),
     }
+
+
+def _locally(cfg: EmbedTextConfig, encoder, captions: dict[Path, tuple[list[str], list[str]]], progress):
+    """(part, caption ids, float32 embeddings, truncated flags) for each part, embedded in this process."""
+    for part, (caption_ids, texts) in captions.items():
+        tokens, truncated = encoder.tokenize(texts)
+        yield part, caption_ids, encoder.encode_tokens(tokens, cfg.batch_size, precision=cfg.precision,
+                                                       progress=progress), truncated
+
+
+def _on_ray(cfg: EmbedTextConfig, captions: dict[Path, tuple[list[str], list[str]]], progress):
+    """The same tuples from CLIP actors; the driver sends the captions, so workers need no shared disk."""
+    by_name = {part.name: part for part in captions}
+    items = [{UNIT: part.name, "texts": texts} for part, (_, texts) in captions.items()]
+    expected = {part.name: len(texts) for part, (_, texts) in captions.items()}
+    worker_args = (cfg.clip, cfg.device, cfg.batch_size, cfg.precision)
+    for name, table in ray_map(items, expected, TextPartWorker, worker_args, address=cfg.ray_address,
+                               actors=cfg.ray_actors, device=cfg.device):
+        progress(table.num_rows)
+        part = by_name[name]
+        yield part, captions[part][0], embedding_matrix(table["embedding"]), \
+            table["truncated"].to_numpy(zero_copy_only=False)
+
+
+class TextPartWorker:
+    """A Ray actor: CLIP loaded once, then whole captions parts -> their embeddings and truncation flags."""
+
+    def __init__(self, clip: str, device: str, batch_size: int, precision: str):
+        self.encoder = load_clip(clip, device)
+        self.batch_size, self.precision = batch_size, precision
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tables = []
+        for unit, texts in zip(batch[UNIT].to_pylist(), batch["texts"].to_pylist(), strict=True):
+            tokens, truncated = self.encoder.tokenize(texts)
+            embeddings = self.encoder.encode_tokens(tokens, self.batch_size, precision=self.precision)
+            tables.append(pa.table({UNIT: [unit] * len(texts), "embedding": embedding_array(embeddings),
+                                    "truncated": pa.array(truncated)}))
+        return pa.concat_tables(tables)
 
 
 def _read_captions(part: Path) -> tuple[list[str], list[str]]:

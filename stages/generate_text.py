@@ -22,6 +22,7 @@ deletes captions: it builds a new pool from nothing, which replaces the old one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
 from ovml.pipeline.progress import progress_bar
+from ovml.pipeline.ray_engine import check_engine, ray_chat, ray_session
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
 from ovml.prompts import read_prompt_file
@@ -94,6 +96,9 @@ class GenerateTextConfig:
     max_rounds: int = not_fingerprinted(20)
     clip: str = "ViT-B-16:openai"
     device: str = not_fingerprinted("auto")
+    engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same parts either way
+    ray_address: str = not_fingerprinted("auto")
+    ray_actors: int = not_fingerprinted(2)
     force: bool = not_fingerprinted(False)
 
 
@@ -121,7 +126,8 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
     recipe = _recipe(params, vocabulary, cfg)
 
     def body(out: Path, resume: bool) -> dict:
-        return _generate(cfg, vocabulary, recipe, run_dir / CAPTIONS, out / CAPTIONS)
+        with ray_session(cfg.ray_address) if cfg.engine == "ray" else contextlib.nullcontext():  # one for all rounds
+            return _generate(cfg, vocabulary, recipe, run_dir / CAPTIONS, out / CAPTIONS)
 
     # A killed attempt resumes whatever --per-label says now: its parts are of the same recipe and shard.
     attempt = f"{recipe}-{cfg.shard_index}-of-{cfg.num_shards}"
@@ -148,6 +154,7 @@ def _check(cfg: GenerateTextConfig) -> None:
                         f"got {cfg.shard_index}")
     if cfg.part_size < 1 or cfg.max_rounds < 1:
         raise OvmlError("--part-size and --max-rounds must be at least 1")
+    check_engine(cfg.engine, cfg.ray_actors)
     if cfg.sampling == "cooccurrence" and not (cfg.cooccurrence and Path(cfg.cooccurrence).is_file()):
         raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE (a tag file, one image per line, "
                         f"labels separated by commas); got {cfg.cooccurrence!r}")
@@ -400,6 +407,17 @@ def _check_longest_prompt(backend: LlmBackend, prompts: CaptionPrompts, labels: 
                         f"{backend.context}-token context; shorten those labels or lower --max-labels")
 
 
+def _open_checked(cfg: GenerateTextConfig, prompts: CaptionPrompts, labels: list[str]) -> LlmBackend | None:
+    """The model opened (file loaded, server reached) and the longest prompt checked before any work, so a
+    typo fails at once. On Ray the actors open their own copies and the driver's serves only these checks
+    (so it is dropped: None); a vLLM engine is not opened here at all, it would take a GPU from the replicas."""
+    if cfg.engine == "ray" and cfg.backend == "vllm":
+        return None
+    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body)
+    _check_longest_prompt(backend, prompts, labels, cfg)
+    return None if cfg.engine == "ray" else backend
+
+
 def _part_index(path: Path) -> int:
     return int(path.stem.removeprefix("part-"))
 
@@ -417,11 +435,8 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, comm
         tally.add_part(_read_part(part))
     # New parts go after every kept one; index mod num_shards stays the shard's, so shards never collide.
     base = math.ceil((max(map(_part_index, kept), default=-1) + 1) / cfg.num_shards)
-    # The model is opened (file loaded, server reached) before any work, so a typo fails at once.
-    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens),
-                           cfg.concurrency, cfg.extra_body) if tally.shortfall(target) else None
-    if backend is not None:
-        _check_longest_prompt(backend, prompts, vocabulary.labels, cfg)
+    backend = _open_checked(cfg, prompts, vocabulary.labels) if tally.shortfall(target) else None
+    ray_answers: _Answers | None = None  # the last part's answers from Ray: its model and dialect
     part = added = 0
     round_index = 0
     with progress_bar(TextColumn("prompts, {task.fields[kept]} kept, {task.fields[rate]}")) as progress:
@@ -442,20 +457,26 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, comm
             rng = np.random.default_rng([cfg.seed, cfg.shard_index, round_index])
             plan = _plan_round(tally, target, sampler, list(prompts.variants), cfg, rng)
             progress.update(task, total=progress.tasks[task].total + len(plan))
-            for start in range(0, len(plan), cfg.part_size):
-                chunk = plan[start:start + cfg.part_size]
-                path = out_dir / part_name((base + part) * cfg.num_shards + cfg.shard_index)
+            chunks = [plan[start:start + cfg.part_size] for start in range(0, len(plan), cfg.part_size)]
+            paths = [out_dir / part_name((base + part + k) * cfg.num_shards + cfg.shard_index)
+                     for k in range(len(chunks))]
+            missing = {k: chunk for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)) if not path.exists()}
+            on_ray = _RayRound(cfg, prompts, missing) if cfg.engine == "ray" else None
+            for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):
                 if path.exists():
                     table = _read_part(path)
                     kept_on_disk += table.num_rows
                     progress.update(task, advance=len(chunk), kept=kept_on_disk + kept_here)
                 else:
-                    table = _generate_part(chunk, base + part, recipe, cfg, backend, prompts, matcher,
-                                           tally.seen_texts, on_answer)
+                    ray_answers = on_ray.answers(k) if on_ray else None
+                    table = _generate_part(chunk, base + part + k, recipe, cfg, ray_answers or backend, prompts,
+                                           matcher, tally.seen_texts, on_answer)
                     atomic.write_parquet(path, table)
                 tally.add_part(table)
                 added += table.num_rows
-                part += 1
+            part += len(chunks)
+            if on_ray:
+                on_ray.close()
     for extra in caption_parts(out_dir.parent)[len(kept) + part:]:  # staged by an attempt that asked for more
         table = _read_part(extra)
         tally.add_part(table)
@@ -467,9 +488,53 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, comm
     if not added and kept:
         summary["pool"]["note"] = (f"the pool already has --per-label {cfg.per_label}; nothing generated, "
                                    f"all {tally.kept} captions kept (only --force deletes captions)")
-    if getattr(backend, "dialect", None):  # the structured-output dialect the OpenAI-compatible server took
-        summary["structured_output"] = backend.dialect
+    answered_by = ray_answers or backend
+    if getattr(answered_by, "dialect", None):  # the structured-output dialect the OpenAI-compatible server took
+        summary["structured_output"] = answered_by.dialect
     return summary
+
+
+def _sampling(cfg: GenerateTextConfig) -> Sampling:
+    return Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens)
+
+
+class _RayRound:
+    """A round's missing parts generated on Ray all at once, handed to the part loop in plan order.
+
+    Actors only generate; verification and dedup stay in the part loop, part after part, so the kept
+    captions are those of the local engine. Answers that arrive early wait here for their turn.
+    """
+
+    def __init__(self, cfg: GenerateTextConfig, prompts: CaptionPrompts, chunks: dict[int, list[PlannedPrompt]]):
+        requests = {k: [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in chunk]
+                    for k, chunk in chunks.items()}
+        self._stream = ray_chat(requests, cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency,
+                                cfg.extra_body, address=cfg.ray_address, actors=cfg.ray_actors) if requests else None
+        self._arrived: dict[int, _Answers] = {}
+        self.backend = cfg.backend
+
+    def answers(self, k: int) -> _Answers:
+        while k not in self._arrived:
+            unit, raw, model, dialect = next(self._stream)
+            self._arrived[unit] = _Answers(self.backend, model, raw, dialect)
+        return self._arrived.pop(k)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+
+@dataclass
+class _Answers:
+    """One part's answers from Ray, in the shape of an LlmBackend for `_generate_part`."""
+
+    name: str
+    model: str
+    raw: list[str]
+    dialect: str | None
+
+    def complete(self, requests: list[ChatRequest]):
+        return iter(self.raw)
 
 
 def _stalled(tally: ShardTally, target: int, cfg: GenerateTextConfig) -> OvmlError:

@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def requirements(extras: tuple[str, ...] = ("cpu", "dev")) -> list[Requirement]:
+def requirements(extras: tuple[str, ...] = ("cpu", "dev", "ray")) -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     names = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
     return [Requirement(name) for name in names]
