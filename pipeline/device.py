@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from ovml.pipeline.errors import OvmlError
@@ -14,3 +16,17 @@ def pick_device(device: str = "auto") -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OvmlError(f"--device {device} needs a CUDA GPU and none is available here; use --device cpu or auto")
     return device
+
+
+def return_freed_memory() -> None:
+    """Have glibc give freed tensors back to the OS at once: with its default, the mmap threshold grows to the
+    largest block freed, so every training step's [batch x labels] tensors come from a heap that never shrinks
+    (+0.45 GB resident at 7,586 labels). A fixed 1 MiB threshold keeps the steps' tensors mmapped. Process-wide;
+    a no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3

@@ -19,7 +19,7 @@ from ovml.pipeline import atomic, losses
 from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb, save_adapter
 from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY, caption_parts
 from ovml.pipeline.config import as_params, not_fingerprinted
-from ovml.pipeline.device import pick_device
+from ovml.pipeline.device import pick_device, return_freed_memory
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_sets import LabelSets
 from ovml.pipeline.metrics import average_precision, column_blocks, mean_average_precision
@@ -83,6 +83,7 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
               run_dir / VOCABULARY]
 
     def body(out: Path, resume: bool) -> dict:
+        return_freed_memory()
         return _train(cfg, out, _read_training_data(run_dir, cfg.store_dtype))
 
     return run_stage(run_dir, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
