@@ -227,8 +227,8 @@ def test_a_pool_without_actors_is_refused_before_the_run_directory_is_touched(tm
 def generate_config(tmp_path: Path, run: str, **overrides) -> GenerateTextConfig:
     labels = tmp_path / "labels.txt"
     labels.write_text("dog\ncat\ncar\ntree\n")
-    return GenerateTextConfig(run_dir=tmp_path / run, labels=str(labels), per_label=2, max_labels=2,
-                              max_tokens=40, part_size=3, **overrides)
+    return GenerateTextConfig(**{"run_dir": tmp_path / run, "labels": str(labels), "per_label": 2, "max_labels": 2,
+                                 "max_tokens": 40, "part_size": 3, **overrides})
 
 
 def caption_bytes(run_dir: Path) -> dict[str, bytes]:
