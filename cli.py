@@ -246,9 +246,9 @@ def evaluate(
                                                     "their scores per method (top) or every score (all). "
                                                     "\\[default: top]")] = None,
     local_weight: Annotated[float | None, typer.Option(help="+local rows (cache made with embed-images --local): "
-                                                       "weight of the pooled patch score. \\[default: 0.5]")] = None,
+                                                       "weight of the pooled patch score. \\[default: 0.25]")] = None,
     local_top_k: Annotated[int | None, typer.Option(help="+local rows: mean of each label's k best patch "
-                                                    "scores. \\[default: 1]")] = None,
+                                                    "scores. \\[default: 4]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""

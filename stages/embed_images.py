@@ -54,6 +54,8 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     run_dir = RunDir(cfg.run_dir)
     params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
+    if not cfg.local:
+        del params["local"]  # caches made before --local existed keep their fingerprint: no re-embedding
     output = image_cache(dataset.name)
     return run_stage(
         run_dir, f"embed_images/{cfg.dataset}", params=params,

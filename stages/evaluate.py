@@ -5,7 +5,9 @@ Both methods score the same cached image vectors, so the report compares the ada
 nothing else. Each dataset's protocols (label split, K values, which images count) are declared once, in
 pipeline/datasets.py DATASETS: NUS-WIDE ZSL/GZSL with F1@3/5, Open Images ZSL/GZSL with F1@10/20, the others
 all labels with F1@3. In the zero-shot protocols an image counts only if it has a positive among the
-protocol's labels, as in the papers; elsewhere every image counts.
+protocol's labels, as in the papers; elsewhere every image counts. A cache made with `embed-images --local`
+adds the `adapter+local` and `zero-shot+local` rows (LocalScorer): global and pooled patch scores fused; they
+did not beat the global rows on the testbed (docs/accuracy.md).
 
 Memory is bounded by the chunk and block sizes, not by images x labels (125,000 x 7,586 for Open Images): no
 score matrix is ever held whole. F1@K is pooled counts, summed over chunks of images; AP is per label, computed
@@ -60,8 +62,8 @@ class EvalConfig:
     device: str = not_fingerprinted("auto")
     dataset: str = "folder"
     save_scores: Literal["top", "all"] = "top"
-    local_weight: float = 0.5  # +local rows: (1 - w) * global score + w * pooled patch score
-    local_top_k: int = 1  # +local rows: a label's patch score is the mean of its k best patches
+    local_weight: float = 0.25  # +local rows: (1 - w) * global score + w * pooled patch score
+    local_top_k: int = 4  # +local rows: a label's patch score is the mean of its k best patches
     force: bool = not_fingerprinted(False)
 
 
