@@ -20,6 +20,11 @@ RANDOM_WEIGHTS_NOTE = "CLIP weights were random: these numbers measure cost only
 def eval_markdown(report: dict[str, Any]) -> str:
     """report.json as a page: the headline tables, then plots, data counts, CLIP spec and adapter config."""
     lines = [eval_tables(report), ""]
+    if report.get("local"):
+        local = report["local"]
+        lines += [f"`+local` rows: (1 − {local['weight']}) × the method's global score + {local['weight']} × the "
+                  f"mean of its {local['top_k']} best patch scores ({local['patches']} patches per image; "
+                  "embed-images --local).", ""]
     for name, protocol in report["protocols"].items():
         lines += [f"![per-label AP, {name}]({protocol['plots']['ap']}) "
                   f"![precision-recall, {name}]({protocol['plots']['pr']})", ""]

@@ -135,6 +135,8 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         "images": len(items), "failures": int(info.get("failures", 0)),
         "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
+    if patches is not None:
+        report["local"] = {"weight": cfg.local_weight, "top_k": cfg.local_top_k, "patches": int(patches.shape[1])}
     selections = []
     for protocol, labels in protocols:
         cols = np.array([column[label] for label in labels])

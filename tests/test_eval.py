@@ -335,6 +335,7 @@ def test_a_cache_with_patch_features_adds_the_local_rows_to_the_report(local_run
     report = json.loads((local_run / "eval/folder/report.json").read_text())
     assert set(report["protocols"]["all"]["metrics"]) == {"adapter", "zero-shot", "adapter+local",
                                                           "zero-shot+local"}
+    assert report["local"] == {"weight": 0.25, "top_k": 4, "patches": 16}
     assert "| zero-shot+local |" in (local_run / "eval/folder/report.md").read_text()
 
 
