@@ -234,6 +234,8 @@ def embed_images(
     limit: Annotated[int | None, typer.Option(help="Embed only the first N images (a quick subset).")] = None,
     mosaic: Annotated[int | None, typer.Option(help="fashion-mnist: K for KxK multi-label grids. "
                                                "\\[default: 2]")] = None,
+    local: Annotated[bool | None, typer.Option("--local", help="Also cache patch features (patches.npy, "
+                                               "float16) for eval's +local rows; ViT towers only.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="\\[default: 64]")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers. \\[default: 2]")] = None,
     engine: EngineOpt = None,
@@ -258,6 +260,10 @@ def evaluate(
     save_scores: Annotated[str | None, typer.Option(help="scores.parquet keeps each image's 50 best labels with "
                                                     "their scores per method (top) or every score (all). "
                                                     "\\[default: top]")] = None,
+    local_weight: Annotated[float | None, typer.Option(help="+local rows (cache made with embed-images --local): "
+                                                       "weight of the pooled patch score. \\[default: 0.25]")] = None,
+    local_top_k: Annotated[int | None, typer.Option(help="+local rows: mean of each label's k best patch "
+                                                    "scores. \\[default: 4]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""

@@ -1,8 +1,10 @@
-"""embed-images throughput (images/s) with 0 and N DataLoader workers, through the real stage.
+"""embed-images throughput (images/s) with 0 and N DataLoader workers, with and without --local (patch
+features), through the real stage; with --local also the patches.npy bytes per image.
 
 Random CLIP weights cost exactly what the pretrained ones do; the numbers say nothing about accuracy.
 
     .venv/bin/python benchmarks/bench_embed_images.py [--clip ViT-B-32:random] [--images 256] [--workers 0 2]
+        [--local no yes]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 
 from ovml.pipeline.clip import load_clip
+from ovml.pipeline.image_cache import PATCHES
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
 
@@ -38,19 +41,24 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--local", choices=["no", "yes"], nargs="+", default=["no"])
     args = parser.parse_args()
 
     load_clip(args.clip, "cpu")  # model creation is not part of the throughput
     print(f"{args.clip}, {args.images} JPEGs 500x375, batch {args.batch_size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print("| loader workers | images/s |\n| --- | --- |")
+    print("| loader workers | --local | images/s | patches.npy bytes/image |\n| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         csv_file = write_photos(Path(tmp), args.images)
         for workers in args.workers:
-            outcome = embed_images(EmbedImagesConfig(
-                run_dir=Path(tmp) / "run", clip=args.clip, device="cpu", dataset="folder", root=str(csv_file),
-                batch_size=args.batch_size, workers=workers, force=True))
-            print(f"| {workers} | {outcome.summary['images_per_s']:.1f} |")
+            for local in args.local:
+                run_dir = Path(tmp) / f"run-{workers}-{local}"
+                outcome = embed_images(EmbedImagesConfig(
+                    run_dir=run_dir, clip=args.clip, device="cpu", dataset="folder", root=str(csv_file),
+                    batch_size=args.batch_size, workers=workers, local=local == "yes", force=True))
+                patches = run_dir / "images" / "folder" / PATCHES
+                size = f"{patches.stat().st_size / args.images:,.0f}" if patches.is_file() else "-"
+                print(f"| {workers} | {local} | {outcome.summary['images_per_s']:.1f} | {size} |")
 
 
 if __name__ == "__main__":

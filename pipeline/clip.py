@@ -170,6 +170,40 @@ class ClipEncoder:
         with torch.inference_mode():
             return _normalise(self.model.encode_image(pixels.to(self.device)))
 
+    def encode_image_patches(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(global [n, d], patches [n, patches, d]), both L2-normalised, from one pass of the image tower.
+
+        The global vector is `encode_image`'s. Patch vectors take the value path in the last block (MaskCLIP /
+        CLIP Surgery): a patch token gets the v-projection and out-projection of its own ln_1 input instead of
+        attention's query-key mixing, which in CLIP mostly copies the global token into every patch; the
+        residual and MLP then run as usual, and the final norm and projection put it in the joint space.
+        """
+        visual = getattr(self.model, "visual", None)
+        transformer = getattr(visual, "transformer", None)
+        blocks = getattr(transformer, "resblocks", None)
+        if (not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None
+                or visual.pool_type != "tok" or visual.final_ln_after_pool or blocks is None
+                or type(blocks[-1]) is not ResidualAttentionBlock or hasattr(blocks[-1], "ln_1_kv")
+                or not getattr(transformer, "batch_first", True)):
+            raise OvmlError(f"--local needs an open_clip ViT image tower with a class token; {self.spec.arch} "
+                            "has another kind")
+        with torch.inference_mode():
+            x = visual._embeds(pixels.to(self.device))
+            *first, last = blocks
+            for block in first:
+                x = block(x)
+            h = last.ln_1(x[:, 1:])
+            width = h.shape[-1]
+            value = torch.nn.functional.linear(h, last.attn.in_proj_weight[2 * width:],
+                                               last.attn.in_proj_bias[2 * width:])
+            patches = x[:, 1:] + last.ls_1(last.attn.out_proj(value))
+            patches = patches + last.ls_2(last.mlp(last.ln_2(patches)))
+            pooled = last(x)[:, 0]
+            tokens = visual.ln_post(torch.cat([pooled[:, None], patches], dim=1))
+            if visual.proj is not None:
+                tokens = tokens @ visual.proj
+            return _normalise(tokens[:, 0]), _normalise(tokens[:, 1:])
+
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -7,6 +7,8 @@ items.parquet row, image_id, path, positives list<str>, negatives list<str> or n
 dataset.json  dataset name, root, clip spec, random_weights, labels (all), splits {name: [labels]},
               images (rows embedded), failures (images skipped)
 failures.parquet  image_id, path, error   (images that could not be read; never embedded)
+patches.npy   (embed-images --local only) float16 [n, patches, d]: L2-normalised patch features, row i <->
+              items row i; written before the index, so an index never sits beside stale patches
 """
 
 from __future__ import annotations
@@ -42,6 +44,28 @@ def write_image_cache(directory: Path, vectors: np.ndarray, items: pa.Table, fai
     atomic.write_parquet(directory / "failures.parquet", failures.cast(FAILURES_SCHEMA))
     atomic.write_json(directory / "dataset.json", info)
     write_index(directory / "index.faiss", vectors)
+
+
+PATCHES = "patches.npy"
+
+
+def write_patches(directory: Path, flat: pa.ChunkedArray, dim: int) -> None:
+    """The patch features of every embedded row (a column of flattened float16 lists), as one .npy file."""
+    chunks = [chunk.values.to_numpy(zero_copy_only=False) for chunk in flat.chunks if len(chunk)]
+    values = np.concatenate(chunks).reshape(len(flat), -1, dim) if chunks else np.empty((0, 0, dim))
+    with atomic.atomic_path(directory / PATCHES) as tmp, open(tmp, "wb") as f:
+        np.save(f, values.astype(np.float16, copy=False))
+
+
+def read_patches(directory: Path) -> np.ndarray | None:
+    """The cached patch features (memory-mapped, float16 [n, patches, d]), or None when embedded without --local."""
+    if not (directory / PATCHES).is_file():
+        return None
+    try:
+        return np.load(directory / PATCHES, mmap_mode="r", allow_pickle=False)
+    except ValueError:
+        raise OvmlError(f"{directory / PATCHES} is damaged; remake it with `ovml embed-images --local --force "
+                        f"--dataset {directory.name} --root DIR`") from None
 
 
 def read_index(path: Path) -> np.ndarray:

@@ -14,13 +14,17 @@ from rich.table import Table
 
 from ovml.pipeline import atomic
 
-METHODS = ("adapter", "zero-shot")
 RANDOM_WEIGHTS_NOTE = "CLIP weights were random: these numbers measure cost only, never accuracy."
 
 
 def eval_markdown(report: dict[str, Any]) -> str:
     """report.json as a page: the headline tables, then plots, data counts, CLIP spec and adapter config."""
     lines = [eval_tables(report), ""]
+    if report.get("local"):
+        local = report["local"]
+        lines += [f"`+local` rows: (1 − {local['weight']}) × the method's global score + {local['weight']} × the "
+                  f"mean of its {local['top_k']} best patch scores ({local['patches']} patches per image; "
+                  "embed-images --local).", ""]
     for name, protocol in report["protocols"].items():
         lines += [f"![per-label AP, {name}]({protocol['plots']['ap']}) "
                   f"![precision-recall, {name}]({protocol['plots']['pr']})", ""]
@@ -44,11 +48,10 @@ def eval_tables(report: dict[str, Any]) -> str:
         lines += [f"> **Model: {report['model']}.**", ""]
     lines.append(f"# ovml eval: {report['dataset']}")
     for name, protocol in report["protocols"].items():
-        columns = list(protocol["metrics"][METHODS[0]])
+        columns = list(protocol["metrics"]["adapter"])
         lines += ["", f"## {name} ({len(protocol['labels'])} labels, {protocol['images']} images), in %", "",
                   "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for method in METHODS:
-            values = protocol["metrics"][method]
+        for method, values in protocol["metrics"].items():  # adapter, zero-shot, then any +local rows
             lines.append(f"| {method} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import Dataset, Record, read_dataset
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
+from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache, write_patches
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
@@ -42,6 +42,7 @@ class EmbedImagesConfig:
     root: str = ""
     limit: int | None = None
     mosaic: int = 2
+    local: bool = False  # also cache per-patch features (patches.npy, float16) for local scoring in eval
     batch_size: int = not_fingerprinted(64)
     workers: int = not_fingerprinted(2)
     engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same chunks, same cache
@@ -56,12 +57,16 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     if cfg.batch_size < 1 or cfg.workers < 0:
         raise OvmlError(f"--batch-size must be >= 1 and --workers >= 0, got {cfg.batch_size} and {cfg.workers}")
     check_engine(cfg.engine, cfg.ray_actors)
+    if cfg.local and cfg.engine == "ray":
+        raise OvmlError("--local (patch features) runs on the local engine only for now; drop --engine ray")
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
     run_dir = RunDir(cfg.run_dir)
     params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
+    if not cfg.local:
+        del params["local"]  # caches made before --local existed keep their fingerprint: no re-embedding
     output = image_cache(dataset.name)
     return run_stage(
         run_dir, f"embed_images/{cfg.dataset}", params=params,
@@ -92,13 +97,17 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
             progress.advance(task, table.num_rows)
     seconds = time.perf_counter() - started
 
-    table = pa.concat_tables(pq.read_table(p) for p in sorted(chunks.glob("chunk-*.parquet"))).sort_by("row")
+    # A batch of unreadable images has no patches column: promotion fills it with nulls.
+    table = pa.concat_tables((pq.read_table(p) for p in sorted(chunks.glob("chunk-*.parquet"))),
+                             promote_options="default").sort_by("row")
     if table["row"].to_pylist() != list(range(len(records))):
         raise RuntimeError(f"chunks under {chunks} do not cover rows 0..{len(records) - 1} exactly once")
     ok = table.filter(pc.is_null(table["error"]))
     failed = table.filter(pc.is_valid(table["error"]))
     vectors = embedding_matrix(ok["embedding"])
     kept = [records[row] for row in ok["row"].to_pylist()]
+    if cfg.local:
+        write_patches(directory, ok["patches"], encoder.dim)
     write_image_cache(directory, vectors, _items_table(kept), _failures_table(records, failed), {
         "dataset": dataset.name, "root": str(dataset.root), "clip": cfg.clip,
         "random_weights": encoder.random_weights, "labels": dataset.labels, "splits": dataset.splits,
@@ -120,7 +129,7 @@ def _chunks_locally(cfg: EmbedImagesConfig, records: list[Record], todo: list[in
         collate_fn=_collate,
     )
     for rows, pixels, errors in loader:
-        yield rows[0], _embed_chunk(encoder, rows, pixels, errors)
+        yield rows[0], _embed_chunk(encoder, rows, pixels, errors, cfg.local)
 
 
 def _chunks_on_ray(cfg: EmbedImagesConfig, dataset: Dataset, batches: list[list[int]]):
@@ -155,9 +164,14 @@ class ImageChunkWorker:
         return pa.concat_tables(tables)
 
 
-def _embed_chunk(encoder, rows: list[int], pixels: torch.Tensor | None, errors: dict[int, str]) -> pa.Table:
-    vectors = encoder.encode_image_batch(pixels) if pixels is not None else None
-    return _chunk_table(rows, vectors, errors, encoder.dim)
+def _embed_chunk(encoder, rows: list[int], pixels: torch.Tensor | None, errors: dict[int, str],
+                 local: bool = False) -> pa.Table:
+    vectors = patches = None
+    if pixels is not None and local:
+        vectors, patches = encoder.encode_image_patches(pixels)
+    elif pixels is not None:
+        vectors = encoder.encode_image_batch(pixels)
+    return _chunk_table(rows, vectors, errors, encoder.dim, patches)
 
 
 class _Pixels(torch.utils.data.Dataset):
@@ -186,19 +200,26 @@ def _collate(items):
     return rows, (torch.stack(readable) if readable else None), errors
 
 
-def _chunk_table(rows: list[int], vectors: np.ndarray | None, errors: dict[int, str], dim: int) -> pa.Table:
-    embeddings, next_vector = [], 0
+def _chunk_table(rows: list[int], vectors: np.ndarray | None, errors: dict[int, str], dim: int,
+                 patches: np.ndarray | None = None) -> pa.Table:
+    """One batch's rows; with `patches` also each image's patch features, flattened, float16."""
+    embeddings, patch_rows, next_vector = [], [], 0
     for row in rows:
         if row in errors:
             embeddings.append(None)
+            patch_rows.append(None)
         else:
             embeddings.append(vectors[next_vector])
+            patch_rows.append(None if patches is None else patches[next_vector].astype(np.float16).ravel())
             next_vector += 1
-    return pa.table({
+    columns = {
         "row": pa.array(rows, pa.int64()),
         "error": pa.array([errors.get(row) for row in rows], pa.string()),
         "embedding": pa.array(embeddings, pa.list_(pa.float32(), dim)),
-    })
+    }
+    if patches is not None:
+        columns["patches"] = pa.array(patch_rows, pa.list_(pa.float16(), patches[0].size))
+    return pa.table(columns)
 
 
 def _done_rows(chunks: Path) -> set[int]:

@@ -5,7 +5,9 @@ Both methods score the same cached image vectors, so the report compares the ada
 nothing else. Each dataset's protocols (label split, K values, which images count) are declared once, in
 pipeline/datasets.py DATASETS: NUS-WIDE ZSL/GZSL with F1@3/5, Open Images ZSL/GZSL with F1@10/20, the others
 all labels with F1@3. In the zero-shot protocols an image counts only if it has a positive among the
-protocol's labels, as in the papers; elsewhere every image counts.
+protocol's labels, as in the papers; elsewhere every image counts. A cache made with `embed-images --local`
+adds the `adapter+local` and `zero-shot+local` rows (LocalScorer): global and pooled patch scores fused; they
+did not beat the global rows on the testbed (docs/accuracy.md).
 
 Memory is bounded by the chunk and block sizes, not by images x labels (125,000 x 7,586 for Open Images): no
 score matrix is ever held whole. F1@K is pooled counts, summed over chunks of images; AP is per label, computed
@@ -33,7 +35,7 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import read_dataset_info, read_image_cache
+from ovml.pipeline.image_cache import read_dataset_info, read_image_cache, read_patches
 from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.label_sets import LabelSets
 from ovml.pipeline.metrics import (
@@ -45,7 +47,7 @@ from ovml.pipeline.metrics import (
     mean_average_precision,
     top_k_mask,
 )
-from ovml.pipeline.report import METHODS, eval_markdown, plot_ap_scatter, plot_pr_curves
+from ovml.pipeline.report import eval_markdown, plot_ap_scatter, plot_pr_curves
 from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
 
 IMAGES_PER_CHUNK = 4096  # scores of [chunk, labels] at a time: 124 MB at 7,586 labels
@@ -60,6 +62,8 @@ class EvalConfig:
     device: str = not_fingerprinted("auto")
     dataset: str = "folder"
     save_scores: Literal["top", "all"] = "top"
+    local_weight: float = 0.25  # +local rows: (1 - w) * global score + w * pooled patch score
+    local_top_k: int = 4  # +local rows: a label's patch score is the mean of its k best patches
     force: bool = not_fingerprinted(False)
 
 
@@ -69,6 +73,9 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     if cfg.save_scores not in ("top", "all"):
         raise OvmlError(f"--save-scores must be top (the {TOP_SCORES} best labels per image) or all, "
                         f"got '{cfg.save_scores}'")
+    if not 0 <= cfg.local_weight <= 1 or cfg.local_top_k < 1:
+        raise OvmlError(f"--local-weight must be in [0, 1] and --local-top-k at least 1, got {cfg.local_weight} "
+                        f"and {cfg.local_top_k}")
     run_dir = RunDir(cfg.run_dir)
     cache = image_cache(cfg.dataset)
     if not (run_dir / cache / "dataset.json").is_file():
@@ -111,6 +118,14 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
     images = torch.from_numpy(vectors)
     scorers = {"adapter": Scorer(adapter.all_features(images), torch.from_numpy(adapter_emb), adapter.logits),
                "zero-shot": Scorer(images, torch.from_numpy(zero_shot_emb), lambda h, w: h @ w.T)}
+    patches = read_patches(cache)
+    if patches is not None:
+        if len(patches) != len(items):
+            raise OvmlError(f"{cache} is inconsistent ({len(items)} items, {len(patches)} patch rows); re-run "
+                            "`ovml embed-images --local --force`")
+        for method, transform in (("adapter", adapter.all_features), ("zero-shot", lambda x: x)):
+            scorers[f"{method}+local"] = LocalScorer(scorers[method], patches, np.arange(len(patches)), transform,
+                                                     cfg.local_top_k, cfg.local_weight)
     truth = ground_truth(items, score_labels)
     column = {label: i for i, label in enumerate(score_labels)}
 
@@ -120,6 +135,8 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         "images": len(items), "failures": int(info.get("failures", 0)),
         "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
+    if patches is not None:
+        report["local"] = {"weight": cfg.local_weight, "top_k": cfg.local_top_k, "patches": int(patches.shape[1])}
     selections = []
     for protocol, labels in protocols:
         cols = np.array([column[label] for label in labels])
@@ -127,12 +144,12 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         selections.append(Selection(protocol, labels, cols, rows))
     with _scores_writer(out / "scores.parquet", items["image_id"].combine_chunks(), score_labels,
                         cfg.save_scores) as write_scores:
-        by_method = {method: _score_method(method, scorers[method], truth, selections, write_scores)
-                     for method in METHODS}
+        by_method = {method: _score_method(method, scorer, truth, selections, write_scores)
+                     for method, scorer in scorers.items()}
     per_label = []
     for i, (protocol, labels) in enumerate(protocols):
         rows = selections[i].rows
-        results = {method: by_method[method][i] for method in METHODS}
+        results = {method: by_method[method][i] for method in scorers}
         ap = {method: result.ap for method, result in results.items()}
         plots = {"ap": f"ap_{protocol.name}.png", "pr": f"pr_{protocol.name}.png"}
         title = f"{cfg.dataset} {protocol.name}"
@@ -173,8 +190,60 @@ class Scorer:
         features = self.features if rows is None else self.features[torch.from_numpy(rows)]
         return self.logits(features, self.label_emb[torch.from_numpy(columns)]).float().numpy()
 
+    @property
+    def images(self) -> int:
+        return len(self.features)
+
+    @property
+    def labels(self) -> int:
+        return len(self.label_emb)
+
     def of_images(self, rows: np.ndarray) -> Scorer:
         return Scorer(self.features[torch.from_numpy(rows)], self.label_emb, self.logits)
+
+
+IMAGES_PER_PATCH_BATCH = 64  # patch scores of [batch, patches, labels] at a time
+
+
+@dataclass
+class LocalScorer:
+    """A global method fused with the same method on patch features (the `+local` rows):
+    (1 - weight) * global score + weight * the mean of the label's top_k patch scores. Patches are scored the
+    way the method scores images (the adapter's features, then its logits), so only the pooling is new."""
+
+    global_scorer: Scorer
+    patches: np.ndarray  # [cached images, patches, d] float16, memory-mapped
+    patch_rows: np.ndarray  # the cached row of each of this scorer's images
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    top_k: int
+    weight: float
+
+    @property
+    def images(self) -> int:
+        return len(self.patch_rows)
+
+    @property
+    def labels(self) -> int:
+        return self.global_scorer.labels
+
+    @torch.inference_mode()
+    def scores(self, rows: np.ndarray | None, columns: np.ndarray) -> np.ndarray:
+        global_scores = self.global_scorer.scores(rows, columns)
+        cached = self.patch_rows if rows is None else self.patch_rows[rows]
+        label_emb = self.global_scorer.label_emb[torch.from_numpy(columns)]
+        local = np.empty_like(global_scores)
+        for start in range(0, len(cached), IMAGES_PER_PATCH_BATCH):
+            batch = torch.from_numpy(np.asarray(self.patches[cached[start:start + IMAGES_PER_PATCH_BATCH]],
+                                                dtype=np.float32))
+            n, count, dim = batch.shape
+            patch_scores = self.global_scorer.logits(self.transform(batch.reshape(-1, dim)), label_emb)
+            best = patch_scores.reshape(n, count, -1).topk(min(self.top_k, count), dim=1).values
+            local[start:start + n] = best.mean(dim=1).float().numpy()
+        return (1 - self.weight) * global_scores + self.weight * local
+
+    def of_images(self, rows: np.ndarray) -> LocalScorer:
+        return LocalScorer(self.global_scorer.of_images(rows), self.patches, self.patch_rows[rows], self.transform,
+                           self.top_k, self.weight)
 
 
 @dataclass
@@ -206,13 +275,13 @@ def _protocol_rows(truth: GroundTruth, cols: np.ndarray, n_images: int, with_a_p
     return np.concatenate(kept)
 
 
-def _score_method(method: str, scorer: Scorer, truth: GroundTruth, selections: list[Selection],
+def _score_method(method: str, scorer: Scorer | LocalScorer, truth: GroundTruth, selections: list[Selection],
                   write_scores: Callable[[str, np.ndarray, np.ndarray], None]) -> list[MethodResult]:
     """One method on every protocol. One pass over chunks of images scores every label once: scores.parquet's
     rows, and each protocol's F1@K (pooled counts add up) and score range. Then, per protocol, AP and the PR
     curve over blocks of labels, each block scored for all the protocol's images."""
-    n_images = len(scorer.features)
-    all_cols = np.arange(len(scorer.label_emb))
+    n_images = scorer.images
+    all_cols = np.arange(scorer.labels)
     members = []
     for selection in selections:
         member = np.zeros(n_images, dtype=bool)
@@ -346,5 +415,5 @@ def _summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
         summary["model"] = report["model"]
     for name, protocol in report["protocols"].items():
         for metric in ["mAP"] + [f"F1@{k}" for k in protocol["ks"]]:
-            summary[f"{name} {metric}"] = {m: protocol["metrics"][m][metric] for m in METHODS}
+            summary[f"{name} {metric}"] = {m: values[metric] for m, values in protocol["metrics"].items()}
     return summary

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ovml.pipeline.clip import ClipSpec, load_clip
@@ -73,3 +74,32 @@ def test_unknown_architecture_is_named():
 def test_unknown_pretrained_tag_lists_the_known_ones():
     with pytest.raises(OvmlError, match="not a pretrained tag of ViT-B-32 .*openai"):
         load_clip("ViT-B-32:nonsense", device="cpu")
+
+
+def test_patch_features_are_unit_vectors_per_patch_beside_the_exact_global_embedding(tiny_clip):
+    encoder = load_clip(tiny_clip, device="cpu")
+    pixels = torch.stack([encoder.preprocess(Image.new("RGB", (40, 40), colour)) for colour in ((200, 30, 30),
+                                                                                                (10, 120, 30))])
+    global_vectors, patches = encoder.encode_image_patches(pixels)
+    assert patches.shape == (2, 16, 64)  # ovml-tiny: 32 px images in 8 px patches
+    np.testing.assert_allclose(np.linalg.norm(patches, axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(global_vectors, encoder.encode_image_batch(pixels), atol=1e-6)
+
+
+def test_patch_features_take_the_value_path_so_one_patch_ignores_the_others(tiny_clip):
+    """Attention over a single token is exactly its value path: so a patch's feature equals the last block run
+    on that patch token alone, then the final norm and projection."""
+    encoder = load_clip(tiny_clip, device="cpu")
+    visual = encoder.model.visual
+    pixels = encoder.preprocess(Image.new("RGB", (32, 32), (90, 60, 200)))[None]
+    with torch.inference_mode():
+        x = visual._embeds(pixels)
+        *first, last = visual.transformer.resblocks
+        for block in first:
+            x = block(x)
+        token = x[:, 1:2]  # patch 0 alone: attention over a single token is exactly its value path
+        alone = last(token)
+        expected = visual.ln_post(alone) @ visual.proj
+    _, patches = encoder.encode_image_patches(pixels)
+    np.testing.assert_allclose(patches[0, 0], torch.nn.functional.normalize(expected[0, 0], dim=-1).numpy(),
+                               atol=1e-5)

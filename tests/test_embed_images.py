@@ -19,7 +19,7 @@ from ovml.cli import app
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.datasets import read_dataset
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import read_image_cache
+from ovml.pipeline.image_cache import read_image_cache, read_patches
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
 
@@ -164,3 +164,29 @@ def test_every_release_layout_embeds_with_its_corrupt_image_counted_as_a_failure
     _, items, info = read_image_cache(tmp_path / "run" / "images" / dataset)
     assert outcome.summary["failures"] == 1
     assert len(items) == len(read_dataset(dataset, root).records) - 1 == info["images"]
+
+
+def test_local_caches_float16_patch_features_row_aligned_with_the_index(tmp_path, tiny_clip):
+    csv_file = helpers.folder_release(tmp_path / "data")
+    embed_images(config(tmp_path, tiny_clip, "folder", csv_file, local=True))
+    directory = tmp_path / "run" / "images" / "folder"
+    _, items, _ = read_image_cache(directory)
+    patches = read_patches(directory)
+    encoder = load_clip(tiny_clip, "cpu")
+    records = {r.image_id: r for r in read_dataset("folder", csv_file).records}
+    assert patches.dtype == np.float16 and patches.shape == (2, 16, encoder.dim)
+    for row, image_id in enumerate(items["image_id"].to_pylist()):
+        _, expected = encoder.encode_image_patches(encoder.preprocess(records[image_id].open_image())[None])
+        np.testing.assert_allclose(patches[row], expected[0], atol=2e-3)
+
+
+def test_without_local_no_patch_features_are_cached(tmp_path, tiny_clip):
+    embed_images(config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data")))
+    assert read_patches(tmp_path / "run" / "images" / "folder") is None
+
+
+def test_patch_features_on_the_ray_engine_are_refused_before_anything_runs(tmp_path, tiny_clip):
+    cfg = config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"), local=True, engine="ray")
+    with pytest.raises(OvmlError, match="--local .* local engine only"):
+        embed_images(cfg)
+    assert not (tmp_path / "run").exists()

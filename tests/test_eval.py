@@ -314,3 +314,52 @@ def test_eval_after_embed_images_counts_the_unreadable_image(tmp_path, tiny_clip
     assert (report["images"], report["failures"]) == (5, 1)
     assert report["protocols"]["all"]["labels"] == ["cat", "dog", "sofa"]
     assert set(summary["all mAP"]) == {"adapter", "zero-shot"}
+
+
+@pytest.fixture
+def local_run(tmp_path, tiny_clip):
+    """A folder cache embedded with --local (patch features) and an adapter."""
+    import helpers
+
+    from ovml.stages.embed_images import EmbedImagesConfig, embed_images
+
+    run_dir = tmp_path / "run"
+    embed_images(EmbedImagesConfig(run_dir=run_dir, clip=tiny_clip, device="cpu", dataset="folder", workers=0,
+                                   root=str(helpers.folder_release(tmp_path / "data")), local=True))
+    build_adapter(run_dir, tiny_clip)
+    return run_dir
+
+
+def test_a_cache_with_patch_features_adds_the_local_rows_to_the_report(local_run, tiny_clip):
+    run_eval(local_run, tiny_clip, dataset="folder")
+    report = json.loads((local_run / "eval/folder/report.json").read_text())
+    assert set(report["protocols"]["all"]["metrics"]) == {"adapter", "zero-shot", "adapter+local",
+                                                          "zero-shot+local"}
+    assert report["local"] == {"weight": 0.25, "top_k": 4, "patches": 16}
+    assert "| zero-shot+local |" in (local_run / "eval/folder/report.md").read_text()
+
+
+def test_local_weight_zero_gives_the_global_scores(local_run, tiny_clip):
+    run_eval(local_run, tiny_clip, dataset="folder", save_scores="all", local_weight=0.0)
+    scores = {row["method"]: row["scores"] for row in
+              pq.read_table(local_run / "eval/folder/scores.parquet").to_pylist() if row["image_id"] == "imgs/a.jpg"}
+    assert scores["adapter+local"] == pytest.approx(scores["adapter"], abs=1e-6)
+    assert scores["zero-shot+local"] == pytest.approx(scores["zero-shot"], abs=1e-6)
+
+
+def test_zero_shot_local_at_full_weight_is_the_best_patch_cosine(local_run, tiny_clip):
+    from ovml.pipeline.image_cache import read_patches
+
+    run_eval(local_run, tiny_clip, dataset="folder", save_scores="all", local_weight=1.0, local_top_k=1)
+    patches = read_patches(local_run / "images/folder").astype(np.float32)
+    labels = json.loads((local_run / "eval/folder/report.json").read_text())["protocols"]["all"]["labels"]
+    label_emb = label_embeddings(load_clip(tiny_clip, "cpu"), labels, "pool")
+    rows = [row for row in pq.read_table(local_run / "eval/folder/scores.parquet").to_pylist()
+            if row["method"] == "zero-shot+local"]
+    for i, row in enumerate(rows):
+        assert row["scores"] == pytest.approx((patches[i] @ label_emb.T).max(axis=0), abs=1e-5)
+
+
+def test_local_weight_outside_zero_to_one_is_a_one_line_error(local_run, tiny_clip):
+    with pytest.raises(OvmlError, match="--local-weight"):
+        run_eval(local_run, tiny_clip, dataset="folder", local_weight=1.5)
