@@ -125,13 +125,15 @@ def main() -> None:
              lambda e: EmbedTextConfig(run_dir=work / e, clip=args.clip, device="cpu", batch_size=64,
                                        templates="single", engine=e, ray_actors=args.actors)),
             ("generate-text", f"SmolLM2, {args.labels} labels x 2", "captions", "kept", generate_text,
-             lambda e: GenerateTextConfig(run_dir=work / e, labels=str(labels), per_label=2, part_size=8,
+             # its own run dirs: the synthetic caption parts above would be kept as the pool
+             lambda e: GenerateTextConfig(run_dir=work / f"gen-{e}", labels=str(labels), per_label=2, part_size=8,
                                           engine=e, ray_actors=args.actors)),
         ]
         for name, work_text, folder, count, stage, config in stages:
             local_s, summary = timed(stage, config("local"))
             ray_s, _ = timed(stage, config("ray"))
-            same = tree_bytes(work / "local" / folder) == tree_bytes(work / "ray" / folder)
+            runs = ("gen-local", "gen-ray") if name == "generate-text" else ("local", "ray")
+            same = tree_bytes(work / runs[0] / folder) == tree_bytes(work / runs[1] / folder)
             units = summary[count]
             rows.append(f"| {name} | {work_text} | {local_s:.1f} | {ray_s:.1f} | {ray_s - local_s:+.1f} | "
                         f"{units / local_s:.2f} | {units / ray_s:.2f} | {'yes' if same else 'NO'} |")

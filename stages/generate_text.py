@@ -173,10 +173,13 @@ class ShardTally:
         self.verified_mentions = 0  # of those, mentioned by a kept caption
 
     def add_part(self, table: pa.Table) -> None:
+        """A part's counters come from its metadata; a part written by another tool (captions merged in by hand)
+        has none and counts as its own rows: each one requested and kept, nothing dropped."""
         meta = table.schema.metadata or {}
-        self.requested += int(meta[b"ovml.requested"])
-        self.asked_mentions += int(meta[b"ovml.asked_mentions"])
-        for reason, n in json.loads(meta[b"ovml.dropped"]).items():
+        self.requested += int(meta.get(b"ovml.requested", table.num_rows))
+        self.asked_mentions += int(meta.get(b"ovml.asked_mentions",
+                                            sum(len(r) for r in table["requested"].to_pylist())))
+        for reason, n in json.loads(meta.get(b"ovml.dropped", b"{}")).items():
             self.dropped[reason] += n
         for text, labels, requested in zip(table["text"].to_pylist(), table["labels"].to_pylist(),
                                            table["requested"].to_pylist(), strict=True):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -319,6 +320,20 @@ def test_parts_merged_from_another_shard_are_kept_and_counted(tmp_path, labels_f
     outcome = stage.generate_text(config(labels_file, tmp_path / "shard0"))
     assert part_bytes(tmp_path / "shard0") == merged and backend.answers == []
     assert outcome.summary["pool"]["kept"] == len(read_captions(tmp_path / "shard0"))
+
+
+def test_a_part_written_by_another_tool_is_kept_and_counted_as_its_rows(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run"))
+    rows = read_captions(tmp_path / "run")
+    for row in rows:
+        row["caption_id"] = "hand-" + row["caption_id"]
+    # Same schema, no ovml counters in its metadata: a part merged in from elsewhere.
+    merged_in = tmp_path / "run" / "captions" / "part-90000.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=stage.CAPTION_SCHEMA), merged_in)
+    outcome = stage.generate_text(config(labels_file, tmp_path / "run", per_label=4))
+    assert outcome.status == "ran" and outcome.summary["pool"]["kept"] == 2 * len(rows)
+    assert len(read_captions(tmp_path / "run")) >= 2 * len(rows)
 
 
 def test_only_force_deletes_captions(tmp_path, labels_file, use_backend):
