@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from ovml.pipeline.clip import TINY_ARCH, save_random_checkpoint
@@ -13,3 +15,12 @@ def tiny_clip(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("clip") / "tiny-random.safetensors"
     save_random_checkpoint(TINY_ARCH, path, seed=0)
     return f"{TINY_ARCH}:{path}"
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """A process started in the background by a shell without job control (cron, `cmd &`) inherits SIGINT as
+    ignored, and Python then never raises KeyboardInterrupt: a test that sends one would block forever."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -99,15 +99,6 @@ def test_second_run_with_the_same_inputs_is_skipped(tmp_path, tiny_clip):
     assert embed_images(cfg).status == "skipped"
 
 
-@pytest.fixture
-def ctrl_c_raises():
-    """A process started in the background by a shell without job control (cron, `cmd &`) inherits SIGINT as
-    ignored, and Python then never raises KeyboardInterrupt: a test that sends one would block forever."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_clip, ctrl_c_raises):
     """A FIFO in place of the 4th image blocks the run there; Ctrl-C (SIGINT) then interrupts it for real."""
     data = tmp_path / "data"

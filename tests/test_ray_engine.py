@@ -61,7 +61,7 @@ def test_embed_images_on_ray_writes_the_local_cache_byte_for_byte(tmp_path, tiny
 
 
 def test_embed_images_on_ray_resumes_a_killed_local_run_embedding_only_the_missing_chunks(tmp_path, tiny_clip,
-                                                                                        local_ray):
+                                                                                        local_ray, ctrl_c_raises):
     """A FIFO in place of the 4th image blocks the local run there; SIGINT kills it; Ray finishes the rest."""
     data = tmp_path / "data"
     for i in range(5):
