@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +195,16 @@ def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog")
     if trained:
         torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
     save_adapter(run_dir / "adapter", model)
+
+
+def ctrl_c_once_chunks_are_staged(staging: Path, chunks: int = 3) -> None:
+    """From a daemon thread, Ctrl-C (SIGINT to the main thread) once `chunks` chunk files are staged under
+    `staging` (or after 60 s): how the tests interrupt an embed-images run blocked on a FIFO image."""
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(staging.rglob("chunk-*.parquet"))) < chunks:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import helpers
@@ -110,14 +107,7 @@ def test_an_interrupted_run_resumes_from_its_completed_chunks(tmp_path, tiny_cli
     cfg = config(tmp_path, tiny_clip, "folder", data / "labels.csv", batch_size=1)
     staging = tmp_path / "run" / ".staging"  # where an unfinished cache is built, beside the finished ones
 
-    def interrupt_when_blocked():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list(staging.rglob("chunk-*.parquet"))) < 3:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    threading.Thread(target=interrupt_when_blocked, daemon=True).start()
+    helpers.ctrl_c_once_chunks_are_staged(staging)
     with pytest.raises(KeyboardInterrupt):
         embed_images(cfg)
     assert len(list(staging.rglob("chunk-*.parquet"))) == 3

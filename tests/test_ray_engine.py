@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import helpers
@@ -73,14 +70,7 @@ def test_embed_images_on_ray_resumes_a_killed_local_run_embedding_only_the_missi
     cfg = images_config(tmp_path / "resumed", tiny_clip, data / "labels.csv", batch_size=1)
     staging = tmp_path / "resumed" / ".staging"
 
-    def interrupt_when_blocked():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list(staging.rglob("chunk-*.parquet"))) < 3:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    threading.Thread(target=interrupt_when_blocked, daemon=True).start()
+    helpers.ctrl_c_once_chunks_are_staged(staging)
     with pytest.raises(KeyboardInterrupt):
         embed_images(cfg)
     (data / "3.jpg").unlink()
