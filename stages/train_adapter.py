@@ -134,8 +134,13 @@ def _read_training_data(run_dir: RunDir, store_dtype: str) -> TrainingData:
         raise OvmlError(f"no captions (part-*.parquet) in {run_dir / CAPTIONS}; run `ovml generate-text` first")
     captions = pa.concat_tables(atomic.read_parquet(p, f"ovml generate-text --run-dir {run_dir.path}",
                                                     columns=["caption_id", "labels"]) for p in parts)
+    targets = _targets(captions.column("labels"), vocabulary)
+    caption_ids = captions.column("caption_id")
+    del captions  # the label lists, before the embedding matrix arrives: ~0.2 GB at 1M captions
     text_ids, text_emb = read_text_embeddings(run_dir / TEXT_EMB, store_dtype)
-    row = pc.index_in(captions.column("caption_id"), value_set=text_ids.combine_chunks())
+    row = pc.index_in(caption_ids, value_set=text_ids.combine_chunks())
+    del caption_ids, text_ids
+    pa.default_memory_pool().release_unused()  # Arrow's allocator would keep the freed tables' pages for good
     if row.null_count:
         raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
                         f"`ovml embed-text --run-dir {run_dir.path}`")
@@ -143,9 +148,8 @@ def _read_training_data(run_dir: RunDir, store_dtype: str) -> TrainingData:
     if label_emb.shape[1] != text_emb.shape[1]:
         raise OvmlError(f"label embeddings are {label_emb.shape[1]}-d but text embeddings {text_emb.shape[1]}-d; "
                         f"re-run `ovml embed-text --force --run-dir {run_dir.path}`")
-    return TrainingData(torch.from_numpy(text_emb), torch.from_numpy(row.to_numpy().astype(np.int64)),
-                        _targets(captions.column("labels"), vocabulary), torch.from_numpy(label_emb), vocabulary,
-                        label_templates)
+    return TrainingData(torch.from_numpy(text_emb), torch.from_numpy(row.to_numpy().astype(np.int64)), targets,
+                        torch.from_numpy(label_emb), vocabulary, label_templates)
 
 
 def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> LabelSets:
