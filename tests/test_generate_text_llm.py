@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -16,9 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ovml.pipeline.llm import default_gguf
+from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, Sampling, default_gguf
 from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
-from ovml.stages.generate_text import GenerateTextConfig, generate_text
+from ovml.stages.generate_text import CaptionPrompts, GenerateTextConfig, generate_text
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,25 @@ def test_smollm2_writes_verified_captions_for_every_label(tmp_path):
     outcome = generate_text(cfg)
     rows = assert_verified_and_counted(tmp_path / "run", LABELS, 2, outcome.summary)
     assert {(row["backend"], row["model"]) for row in rows} == {("llama-cpp", default_gguf().name)}
+
+
+def test_an_answer_depends_only_on_its_prompt_and_seed_not_on_the_prompts_answered_before():
+    """Ray actors and resumed runs answer the same prompts in other orders. With llama-cpp-python's reuse of
+    the longest prefix shared with the previous prompt, 1 of these 32 answers changed with the order."""
+    prompts = CaptionPrompts.load()
+    variants = list(prompts.variants)
+    label_sets = [("car", "cat"), ("dog", "tree"), ("cat",), ("car", "dog", "tree"), ("tree", "cat"), ("dog",),
+                  ("car",), ("cat", "dog")]
+    requests = [ChatRequest(prompts.messages(variants[i % len(variants)], labels), 1000 + i)
+                for i, labels in enumerate(label_sets)]
+    sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=96)
+    alone = [next(LlamaCppBackend(None, sampling).complete([request])) for request in requests]
+    backend = LlamaCppBackend(None, sampling)
+    for shuffle_seed in range(4):
+        order = list(range(len(requests)))
+        random.Random(shuffle_seed).shuffle(order)
+        answers = {i: next(backend.complete([requests[i]])) for i in order}
+        assert [answers[i] for i in range(len(requests))] == alone
 
 
 def test_killed_run_resumes_to_the_same_captions_as_an_uninterrupted_run(tmp_path):
