@@ -15,9 +15,11 @@ checkpoint on the same machine and thread count.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -133,6 +135,7 @@ def train_testbed(cfg: TestbedConfig) -> StageOutcome:
     if out.is_file() and checkpoint_metadata(out).get("recipe") == recipe:
         return StageOutcome("train-testbed", "skipped", "up to date", 0.0, {"checkpoint": str(out)})
     _check(cfg)
+    _check_out(out)
     images, classes, images_file, _ = read_fashion_mnist_split(Path(cfg.root), TRAIN_SPLIT)
     if len(images) < cfg.train_images:
         raise OvmlError(f"{images_file} has {len(images)} images, fewer than train_images={cfg.train_images}")
@@ -197,6 +200,19 @@ def _check(cfg: TestbedConfig) -> None:
         raise OvmlError(f"lr must be a positive number, got {cfg.lr}")
     if cfg.arch not in open_clip.list_models():
         raise OvmlError(f"unknown CLIP architecture '{cfg.arch}'")
+
+
+def _check_out(out: Path) -> None:
+    """Before minutes of training: the checkpoint's folder exists (or can be made) and takes a new file."""
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise OvmlError(f"cannot write the checkpoint {out} ({e.strerror}); pass --out PATH in a writable "
+                        "folder") from None
 
 
 def _lr_factor(step: int, cfg: TestbedConfig) -> float:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import build_adapter, build_cache, fashion_mnist_release
 
+import ovml.pipeline.testbed as testbed
 from ovml.pipeline.clip import TINY_ARCH, load_clip
 from ovml.pipeline.datasets import FASHION_MNIST_CLASSES
 from ovml.pipeline.errors import OvmlError
@@ -93,6 +94,15 @@ def test_a_checkpoint_with_the_same_recipe_is_reused(train_only_release, tmp_pat
     train_testbed(tiny_recipe(train_only_release, out))
     assert train_testbed(tiny_recipe(train_only_release, out)).status == "skipped"
     assert train_testbed(tiny_recipe(train_only_release, out, steps=4)).status == "ran"
+
+
+@pytest.mark.parametrize("out", ["a-file/testbed.safetensors", "a-folder"])
+def test_an_unwritable_checkpoint_path_is_refused_before_training(train_only_release, tmp_path, out, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+    monkeypatch.setattr(testbed, "_train", lambda *args: pytest.fail("trained before checking where to save"))
+    with pytest.raises(OvmlError, match="cannot write the checkpoint .*; pass --out PATH in a writable folder"):
+        train_testbed(tiny_recipe(train_only_release, tmp_path / out))
 
 
 def test_training_reads_the_train_split_never_t10k(tmp_path):
