@@ -134,12 +134,7 @@ class LlamaCppBackend:
     def _shared_prefix(self, request: ChatRequest, tokens: list[int]) -> list[int]:
         """The prompt's tokens before the last message's text: the same for every request of a stage."""
         probe = ChatRequest((*request.messages[:-1], (request.messages[-1][0], "\x00")), request.seed)
-        shared = 0
-        for a, b in zip(tokens, self._tokens(self._prompt(probe)), strict=False):
-            if a != b:
-                break
-            shared += 1
-        return tokens[:shared]
+        return tokens[:self._llm.longest_token_prefix(tokens, self._tokens(self._prompt(probe)))]
 
     def _start_from(self, prefix: list[int]) -> None:
         """Leave exactly `prefix` in the KV cache, evaluated on its own from an empty cache."""
@@ -155,16 +150,15 @@ class LlamaCppBackend:
 
     def tokens_needed(self, request: ChatRequest) -> int:
         """Context the request takes: its prompt's tokens plus room for --max-tokens of answer."""
-        return len(self._llm.tokenize(self._prompt(request).encode("utf-8"), special=True)) + self.sampling.max_tokens
+        return len(self._tokens(self._prompt(request))) + self.sampling.max_tokens
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
         for request in requests:
-            prompt = self._prompt(request)
-            if self.tokens_needed(request) > self.context:
-                raise OvmlError(f"a prompt needs {self.tokens_needed(request)} tokens with --max-tokens "
+            tokens = self._tokens(self._prompt(request))
+            if len(tokens) + self.sampling.max_tokens > self.context:
+                raise OvmlError(f"a prompt needs {len(tokens) + self.sampling.max_tokens} tokens with --max-tokens "
                                 f"{self.sampling.max_tokens}, more than the model's {self.context}-token context; "
                                 "shorten the longest labels or lower --max-labels")
-            tokens = self._tokens(prompt)
             self._start_from(self._shared_prefix(request, tokens))
             answer = self._llm.create_completion(
                 tokens, seed=request.seed, temperature=self.sampling.temperature, top_p=self.sampling.top_p,

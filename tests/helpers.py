@@ -208,3 +208,23 @@ def ctrl_c_once_chunks_are_staged(staging: Path, chunks: int = 3) -> None:
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
+
+
+def embed_text_killed_after_its_first_part(cfg, monkeypatch) -> None:
+    """Run embed-text with `cfg` as if the process were killed right after its first part was written."""
+    import ovml.stages.embed_text as stage
+
+    real_write = stage.write_text_embeddings
+
+    def write_then_die(path, *args, **kwargs):
+        real_write(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "write_text_embeddings", write_then_die)
+    try:
+        stage.embed_text(cfg)
+    except KeyboardInterrupt:
+        return
+    finally:
+        monkeypatch.setattr(stage, "write_text_embeddings", real_write)
+    raise AssertionError("embed-text finished without writing a part")

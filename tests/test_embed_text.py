@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import embed_text_killed_after_its_first_part
 from typer.testing import CliRunner
 
-import ovml.stages.embed_text as stage
 from ovml.cli import app
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
@@ -135,17 +135,8 @@ def test_interrupted_run_resumes_keeping_finished_parts_and_writing_the_missing_
     write_captions(tmp_path / "straight")
     embed_text(config(tmp_path / "straight", tiny_clip))
     write_captions(tmp_path / "killed")
-    real_write = stage.write_text_embeddings
-
-    def write_then_die(path, *args, **kwargs):
-        real_write(path, *args, **kwargs)
-        raise KeyboardInterrupt  # killed right after the first part landed
-
-    monkeypatch.setattr(stage, "write_text_embeddings", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        embed_text(config(tmp_path / "killed", tiny_clip))
+    embed_text_killed_after_its_first_part(config(tmp_path / "killed", tiny_clip), monkeypatch)
     assert not (tmp_path / "killed" / "text_emb").exists()  # nothing half-made where readers look
-    monkeypatch.setattr(stage, "write_text_embeddings", real_write)
     outcome = embed_text(config(tmp_path / "killed", tiny_clip))
     assert outcome.reason.startswith("resuming an interrupted run") and outcome.summary["resumed_parts"] == 1
     assert [p.read_bytes() for p in sorted((tmp_path / "killed" / "text_emb").iterdir())] == \

@@ -15,7 +15,6 @@ import helpers
 import pyarrow.parquet as pq
 import pytest
 
-import ovml.stages.embed_text as embed_text_stage
 import ovml.stages.generate_text as generate_text_stage
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.ray_engine import ray_map
@@ -120,16 +119,7 @@ def test_embed_text_on_ray_resumes_a_killed_local_run_writing_only_the_missing_p
     write_captions(tmp_path / "straight", CAPTIONS)
     embed_text(text_config(tmp_path / "straight", tiny_clip))
     write_captions(tmp_path / "killed", CAPTIONS)
-    real_write = embed_text_stage.write_text_embeddings
-
-    def write_then_die(path, *args, **kwargs):
-        real_write(path, *args, **kwargs)
-        raise KeyboardInterrupt  # killed right after the first part landed
-
-    monkeypatch.setattr(embed_text_stage, "write_text_embeddings", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        embed_text(text_config(tmp_path / "killed", tiny_clip))
-    monkeypatch.setattr(embed_text_stage, "write_text_embeddings", real_write)
+    helpers.embed_text_killed_after_its_first_part(text_config(tmp_path / "killed", tiny_clip), monkeypatch)
     kept = staged(tmp_path / "killed", "part-00000.parquet").stat()
     outcome = embed_text(text_config(tmp_path / "killed", tiny_clip, engine="ray"))
     assert outcome.reason.startswith("resuming an interrupted run") and outcome.summary["resumed_parts"] == 1
