@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from ovml.pipeline.losses import asl, bce, rank
@@ -14,6 +15,36 @@ def test_asl_keeps_positive_log_loss_and_shrinks_negatives_by_focusing_and_clipp
     negative = 0.45 ** 4 * -math.log(1 - 0.45)  # p = 0.5 shifted by clip 0.05, focused by gamma_neg = 4
     # the third label (p = sigmoid(-4) = 0.018 < clip) costs nothing
     assert math.isclose(asl(logits, targets).item(), positive + negative, rel_tol=1e-5)
+
+
+def textbook_asl(logits, targets, gamma_neg, gamma_pos, clip, eps=1e-8):
+    p = torch.sigmoid(logits)
+    p_neg = (p - clip).clamp(min=0) if clip > 0 else p
+    loss_pos = targets * (1 - p) ** gamma_pos * torch.log(p.clamp(min=eps))
+    loss_neg = (1 - targets) * p_neg ** gamma_neg * torch.log((1 - p_neg).clamp(min=eps))
+    return -(loss_pos + loss_neg).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("gamma_neg, gamma_pos, clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.0), (0.0, 0.0, 0.0),
+                                                        (0.5, 2.0, 0.2)])
+def test_asl_and_its_gradient_match_autograd_of_the_textbook_formula(gamma_neg, gamma_pos, clip):
+    generator = torch.Generator().manual_seed(0)
+    # 150 rows: more than one chunk of rows; logits out to +-40 so the clamps and the shift are crossed
+    logits = (8 * torch.randn(150, 30, generator=generator)).clamp(-40, 40).requires_grad_()
+    targets = torch.rand(150, 30, generator=generator) < 0.2
+    reference = textbook_asl(logits, targets.float(), gamma_neg, gamma_pos, clip)
+    lean = asl(logits, targets, gamma_neg, gamma_pos, clip)
+    assert torch.allclose(lean, reference, rtol=1e-5)
+    grad_lean, = torch.autograd.grad(lean, logits)
+    grad_reference, = torch.autograd.grad(reference, logits)
+    assert torch.allclose(grad_lean, grad_reference, rtol=1e-4, atol=1e-7)
+
+
+def test_asl_gradient_is_finite_where_the_sigmoid_saturates():
+    logits = torch.tensor([[-200.0, 200.0, -200.0, 200.0]], requires_grad=True)
+    targets = torch.tensor([[True, True, False, False]])
+    asl(logits, targets, clip=0.0).backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_bce_sums_over_labels_and_averages_over_captions():
