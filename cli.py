@@ -165,6 +165,9 @@ def embed_text(
     store_dtype: Annotated[str | None, typer.Option(help="float32 or float16 on disk. \\[default: float32]")] = None,
     templates: Annotated[str | None, typer.Option(help="Label embeddings from the prompt 'pool' (~80 templates) "
                                                   "or a 'single' template. \\[default: pool]")] = None,
+    local: Annotated[bool | None, typer.Option("--local", help="Also store each caption's word-token features "
+                                               "(float16, in text_emb/) for train-adapter --local; causal text "
+                                               "towers only.")] = None,
     engine: EngineOpt = None,
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = None,
@@ -212,6 +215,13 @@ def train_adapter(
     store_dtype: Annotated[str | None, typer.Option(help="float32 or float16: how the caption embeddings are held "
                                                     "in memory (float16 halves it; batches compute in float32). "
                                                     "\\[default: float32]")] = None,
+    local: Annotated[bool | None, typer.Option("--local", help="Also train a local head on the captions' word "
+                                               "tokens (needs embed-text --local); eval applies it to image "
+                                               "patches (embed-images --local) in the adapter+local row.")] = None,
+    local_pooling: Annotated[str | None, typer.Option(help="How the local head pools a label's token scores: "
+                                                      "softmax (softmax-weighted mean) or top-k (mean of the k "
+                                                      "best). \\[default: softmax]")] = None,
+    local_top_k: Annotated[int | None, typer.Option(help="k of --local-pooling top-k. \\[default: 2]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""
@@ -234,8 +244,11 @@ def embed_images(
     limit: Annotated[int | None, typer.Option(help="Embed only the first N images (a quick subset).")] = None,
     mosaic: Annotated[int | None, typer.Option(help="fashion-mnist: K for KxK multi-label grids. "
                                                "\\[default: 2]")] = None,
-    local: Annotated[bool | None, typer.Option("--local", help="Also cache patch features (patches.npy, "
-                                               "float16) for eval's +local rows; ViT towers only.")] = None,
+    local: Annotated[bool | None, typer.Option("--local", help="Also cache patch features for eval's +local rows"
+                                               "; ViT towers only.")] = None,
+    local_store: Annotated[str | None, typer.Option(help="How --local stores patches: float16 (patches.npy) or pq "
+                                                    "(FAISS product-quantizer codes, 16x smaller, for large "
+                                                    "datasets). \\[default: float16]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="\\[default: 64]")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers. \\[default: 2]")] = None,
     engine: EngineOpt = None,
@@ -262,8 +275,9 @@ def evaluate(
                                                     "\\[default: top]")] = None,
     local_weight: Annotated[float | None, typer.Option(help="+local rows (cache made with embed-images --local): "
                                                        "weight of the pooled patch score. \\[default: 0.25]")] = None,
-    local_top_k: Annotated[int | None, typer.Option(help="+local rows: mean of each label's k best patch "
-                                                    "scores. \\[default: 4]")] = None,
+    local_top_k: Annotated[int | None, typer.Option(help="+local rows of an adapter without a local head: mean of "
+                                                    "each label's k best patch scores (an adapter with one pools "
+                                                    "as it was trained). \\[default: 4]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""
@@ -284,6 +298,9 @@ def predict(
     labels_file: Annotated[str | None, typer.Option(help="A file with one label per line.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Labels shown per image. \\[default: 5]")] = None,
     zero_shot: Annotated[bool | None, typer.Option("--zero-shot", help="Plain CLIP, no adapter.")] = None,
+    local: Annotated[bool | None, typer.Option("--local", help="Fuse in the adapter's local head on the image "
+                                               "patches, as eval's adapter+local row (an adapter trained with "
+                                               "--local; ViT towers).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Open-vocabulary labels for images with the trained adapter (or --zero-shot CLIP)."""
@@ -332,6 +349,9 @@ def search(
                                                 "\\[default: folder]")] = None,
     top: Annotated[int | None, typer.Option(help="Images shown. \\[default: 10]")] = None,
     zero_shot: Annotated[bool | None, typer.Option("--zero-shot", help="Plain CLIP, no adapter.")] = None,
+    local: Annotated[bool | None, typer.Option("--local", help="Fuse in the adapter's local head on the image "
+                                               "patches, as eval's adapter+local row (an adapter trained with "
+                                               "--local; ViT towers).")] = None,
     index: Annotated[str | None, typer.Option(help="flat (exact) or ivf (approximate, for large caches). "
                                               "\\[default: flat]")] = None,
     nprobe: Annotated[int | None, typer.Option(help="IVF cells searched per query (--index ivf). "

@@ -1,6 +1,7 @@
 """embed-text speed: the length-sorted, truncated causal path vs plain open_clip encode_text, same captions.
 
     .venv/bin/python benchmarks/bench_embed_text.py [--texts 256] [--batch-sizes 256 32] [--repeats 2] [--threads N]
+        [--local]     # also the extra pass of `embed-text --local` (word-token features) and its bytes per caption
 
 Random weights (ARCH:random): the same cost as the pretrained towers, no meaning as accuracy.
 """
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N, interleaved, against other load")
     parser.add_argument("--archs", nargs="+", default=["ViT-B-32", "ViT-B-16"])
     parser.add_argument("--threads", type=int, help="torch threads; 1 steadies the numbers on a busy machine")
+    parser.add_argument("--local", action="store_true", help="also time the word-token features of --local")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +87,16 @@ def main() -> None:
         diff = max(np.abs(outputs[b] - outputs["plain"]).max() for b in args.batch_sizes)
         print(f"| {arch} | {lengths.float().mean():.1f} / {int(lengths.max())} | {rate['plain']:.1f} texts/s "
               f"| {cells} | {diff:.1e} |", flush=True)
+        if args.local:
+            tokens = encoder.tokenize(captions)[0]
+            best = float("inf")
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                words = encoder.encode_token_features(tokens, args.batch_sizes[0])
+                best = min(best, time.perf_counter() - start)
+            print(f"  {arch} --local token features, batch {args.batch_sizes[0]}: {len(captions) / best:.1f} texts/s "
+                  f"(a second pass, beside the pooled one); {np.mean([w.nbytes for w in words]):,.0f} bytes per "
+                  f"caption (float16, {np.mean([len(w) for w in words]):.1f} word tokens)", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class AdapterConfig:
     alpha: float = 0.5
     head: Literal["cosine", "magnitude"] = "cosine"
     scale: float = 20.0
+    local_pooling: Literal["softmax", "top-k"] | None = None  # None: no local head (train-adapter without --local)
+    local_top_k: int = 2  # top-k pooling: a label's local score is the mean of its k best tokens or patches
     architecture: str = ARCHITECTURE
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained: noise, loss, seed, best epoch...
     ovml_version: str = ""
@@ -62,30 +64,44 @@ class Adapter(torch.nn.Module):
 
     The MLP's last layer starts at zero, so an untrained adapter is exactly zero-shot CLIP. The bias is one
     shared scalar: a per-label bias would not exist for labels unseen in training.
+
+    With a local head (config.local_pooling), a second MLP of the same shape adapts token features: trained on
+    a caption's word tokens, applied to an image's patches, its per-token logits pooled over tokens per label.
     """
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
         self.config = config
         self.head, self.alpha, self.scale = config.head, config.alpha, config.scale
-        self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(config.dim, config.hidden), torch.nn.GELU(), torch.nn.Dropout(config.dropout),
-            torch.nn.Linear(config.hidden, config.dim),
-        )
-        torch.nn.init.zeros_(self.mlp[-1].weight)
-        torch.nn.init.zeros_(self.mlp[-1].bias)
+        self.mlp = _residual_mlp(config)
         self.bias = torch.nn.Parameter(torch.zeros(()))
+        if config.local_pooling is not None:
+            self.local_mlp = _residual_mlp(config)
+            self.local_bias = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
         return self.logits(self.features(x), label_emb)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """h, the adapted embedding (unit norm for the cosine head): computed once, scored against any labels."""
-        h = x + self.alpha * self.mlp(x)
-        return F.normalize(h, dim=-1) if self.head == "cosine" else h
+        return self._adapted(x, self.mlp)
 
     def logits(self, h: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
         return self.scale * h @ F.normalize(label_emb, dim=-1).T + self.bias
+
+    def local_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The local head's adapted token (or patch) features, [..., d]."""
+        return self._adapted(tokens, self.local_mlp)
+
+    def local_logits(self, h: torch.Tensor, label_emb: torch.Tensor, mask: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """[n, labels] from local features [n, tokens, d], pooled over tokens; `mask` [n, tokens] marks real ones."""
+        z = self.scale * h @ F.normalize(label_emb, dim=-1).T + self.local_bias
+        return pool_tokens(z, mask, self.config.local_pooling, self.config.local_top_k)
+
+    def _adapted(self, x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
+        h = x + self.alpha * mlp(x)
+        return F.normalize(h, dim=-1) if self.head == "cosine" else h
 
     @torch.inference_mode()
     def all_features(self, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
@@ -102,6 +118,39 @@ class Adapter(torch.nn.Module):
         for start in range(0, len(x), batch_size):
             out[start:start + batch_size] = self(x[start:start + batch_size], label_emb).float().cpu().numpy()
         return out
+
+
+def _residual_mlp(config: AdapterConfig) -> torch.nn.Sequential:
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(config.dim, config.hidden), torch.nn.GELU(), torch.nn.Dropout(config.dropout),
+        torch.nn.Linear(config.hidden, config.dim),
+    )
+    torch.nn.init.zeros_(mlp[-1].weight)
+    torch.nn.init.zeros_(mlp[-1].bias)
+    return mlp
+
+
+POOLINGS = ("softmax", "top-k")
+LOCAL_WEIGHT = 0.25  # global and local scores fused as (1 - w) * global + w * local (eval's +local rows, predict)
+
+
+def pool_tokens(z: torch.Tensor, mask: torch.Tensor | None, pooling: str, top_k: int) -> torch.Tensor:
+    """Per-label token logits [n, tokens, labels] -> [n, labels]: softmax-weighted (sum over t of softmax_t(z) z,
+    between the mean and the max) or the mean of the top_k. A row without a real token scores 0.
+
+    Padding is filled with the dtype's lowest value rather than -inf, so no NaN reaches the gradient."""
+    lowest = torch.finfo(z.dtype).min
+    if mask is not None:
+        z = z.masked_fill(~mask[..., None], lowest)
+    if pooling == "softmax":
+        pooled = (torch.softmax(z, dim=1) * (z if mask is None else z.masked_fill(~mask[..., None], 0.0))).sum(dim=1)
+    elif pooling == "top-k":
+        best = z.topk(min(top_k, z.shape[1]), dim=1).values
+        real = best > lowest
+        pooled = (best * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+    else:
+        raise ValueError(f"pooling {pooling!r}")
+    return pooled if mask is None else torch.where(mask.any(dim=1)[:, None], pooled, 0.0)
 
 
 def perturb(x: torch.Tensor, sigma: float, renorm: bool, generator: torch.Generator) -> torch.Tensor:

@@ -165,6 +165,32 @@ class ClipEncoder:
                     progress(len(rows))
         return out
 
+    def encode_token_features(self, tokens: torch.Tensor, batch_size: int = 256, *,
+                              progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Per-token features of each row in the joint space (TaI-DPT's fine-grained text features): the last
+        block's output at every word token (after the start token, before the pooled one), through the final
+        norm and projection, L2-normalised, float16 [words, d] per row.
+
+        The pooled embedding of the same pass is `encode_tokens`' (tests check it), so a word token is scored
+        against labels exactly as a caption is."""
+        causal = self._causal_text
+        if causal is None or causal.pool_type not in ("argmax", "eos"):
+            raise OvmlError(f"--local needs a causal open_clip text tower pooled at its end token; {self.spec.arch} "
+                            "has another kind")
+        positions = causal.pool_positions(tokens)
+        out: list[np.ndarray] = [np.empty(0)] * len(tokens)
+        with torch.inference_mode():
+            for start in range(0, len(tokens), batch_size):
+                rows = torch.arange(start, min(start + batch_size, len(tokens)))
+                features = torch.nn.functional.normalize(
+                    causal.encode_all_positions(tokens[rows].to(self.device), positions[rows]).float(), dim=-1)
+                words = features.to(torch.float16).cpu().numpy()
+                for i, row in enumerate(rows.tolist()):
+                    out[row] = words[i, 1:int(positions[row])]
+                if progress is not None:
+                    progress(len(rows))
+        return out
+
     def encode_image_batch(self, pixels: torch.Tensor) -> np.ndarray:
         """`pixels` is a batch already passed through `self.preprocess`."""
         with torch.inference_mode():
@@ -258,15 +284,28 @@ class CausalTextTower:
 
     def encode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """open_clip's `encode_text` (unnormalised) on `tokens` cut after the last pooled position."""
-        t = self.tower
         length = int(positions.max()) + 1
+        x = self._pooled_hidden(self._embedded(tokens, length), positions, self.tower.attn_mask[:length, :length])
+        return self._to_joint_space(x)
+
+    def encode_all_positions(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Every position's output up to the last pooled one, in the joint space (unnormalised [n, length, d]):
+        row i's `encode` is its output at positions[i]."""
+        length = int(positions.max()) + 1
+        x = self.tower.transformer(self._embedded(tokens, length), attn_mask=self.tower.attn_mask[:length, :length])
+        return self._to_joint_space(x)
+
+    def _embedded(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
+        t = self.tower
         cast_dtype = t.transformer.get_cast_dtype()
-        x = t.token_embedding(tokens[:, :length]).to(cast_dtype)
-        x = x + t.positional_embedding[:length].to(cast_dtype)
-        x = t.ln_final(self._pooled_hidden(x, positions, t.attn_mask[:length, :length]))  # per-token norm
-        if isinstance(t.text_projection, torch.nn.Linear):
-            return t.text_projection(x)
-        return x if t.text_projection is None else x @ t.text_projection
+        return t.token_embedding(tokens[:, :length]).to(cast_dtype) + t.positional_embedding[:length].to(cast_dtype)
+
+    def _to_joint_space(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm (per token) and the text projection."""
+        x = self.tower.ln_final(x)
+        if isinstance(self.tower.text_projection, torch.nn.Linear):
+            return self.tower.text_projection(x)
+        return x if self.tower.text_projection is None else x @ self.tower.text_projection
 
     def _pooled_hidden(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last block's output at the pooled positions only.

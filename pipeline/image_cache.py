@@ -9,11 +9,16 @@ dataset.json  dataset name, root, clip spec, random_weights, labels (all), split
 failures.parquet  image_id, path, error   (images that could not be read; never embedded)
 patches.npy   (embed-images --local only) float16 [n, patches, d]: L2-normalised patch features, row i <->
               items row i; written before the index, so an index never sits beside stale patches
+patches_pq.npy, patches_pq.faiss   (--local --local-store pq, instead of patches.npy) uint8 [n, patches, d/8]:
+              each patch as FAISS product-quantizer codes (d/8 sub-vectors of 8 dims, 8 bits each: 16x smaller
+              than float16), and the quantizer that decodes them
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -47,25 +52,101 @@ def write_image_cache(directory: Path, vectors: np.ndarray, items: pa.Table, fai
 
 
 PATCHES = "patches.npy"
+PATCH_CODES = "patches_pq.npy"
+PATCH_QUANTIZER = "patches_pq.faiss"
+PATCH_STORES = ("float16", "pq")
+PQ_TRAINING_PATCHES = 65_536  # patch vectors the quantizer is trained on, drawn evenly from every batch
 
 
-def write_patches(directory: Path, flat: pa.ChunkedArray, dim: int) -> None:
-    """The patch features of every embedded row (a column of flattened float16 lists), as one .npy file."""
-    chunks = [chunk.values.to_numpy(zero_copy_only=False) for chunk in flat.chunks if len(chunk)]
-    values = np.concatenate(chunks).reshape(len(flat), -1, dim) if chunks else np.empty((0, 0, dim))
-    with atomic.atomic_path(directory / PATCHES) as tmp, open(tmp, "wb") as f:
-        np.save(f, values.astype(np.float16, copy=False))
+def write_patches(directory: Path, batches: list[Callable[[], tuple[np.ndarray, np.ndarray]]], rows: int,
+                  store: str, seed: int = 0) -> None:
+    """The patch features of `rows` images as patches.npy (float16) or as PQ codes, one batch in memory at a time.
+
+    Each batch is a function giving (positions among the rows, patches [n, patches, d] float16); it is called
+    once per pass (twice for pq: a sample to train the quantizer, then the codes)."""
+    def read_all():
+        for batch in batches:
+            positions, patches = batch()
+            if len(positions):
+                yield positions, patches
+    first = next(read_all(), None)
+    shape = (rows, *first[1].shape[1:]) if first else (rows, 0, 0)
+    quantizer = _train_quantizer(read_all(), shape, seed) if store == "pq" else None
+    name = PATCHES if quantizer is None else PATCH_CODES
+    with atomic.atomic_path(directory / name) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16 if quantizer is None else np.uint8,
+                                        shape=shape if quantizer is None else (*shape[:2], quantizer.code_size))
+        for positions, patches in read_all():
+            out[positions] = patches if quantizer is None else quantizer.compute_codes(
+                np.ascontiguousarray(patches.reshape(-1, shape[2]), dtype=np.float32)).reshape(*patches.shape[:2], -1)
+        out.flush()
+        del out
+    if quantizer is not None:
+        with atomic.atomic_path(directory / PATCH_QUANTIZER) as tmp:
+            faiss.write_ProductQuantizer(quantizer, str(tmp))
 
 
-def read_patches(directory: Path) -> np.ndarray | None:
-    """The cached patch features (memory-mapped, float16 [n, patches, d]), or None when embedded without --local."""
-    if not (directory / PATCHES).is_file():
-        return None
+def _train_quantizer(batches, shape: tuple[int, int, int], seed: int) -> faiss.ProductQuantizer:
+    """A product quantizer of d/8 sub-vectors (8 bits each), trained on up to PQ_TRAINING_PATCHES patch vectors
+    drawn at random, in proportion, from every batch (seeded: the same cache gives the same codes)."""
+    rows, per_image, dim = shape
+    if dim % 8:
+        raise OvmlError(f"--local-store pq needs a feature width divisible by 8, got {dim}; use --local-store float16")
+    rng = np.random.default_rng(seed)
+    share = min(1.0, PQ_TRAINING_PATCHES / max(1, rows * per_image))
+    sample = []
+    for _, patches in batches:
+        flat = patches.reshape(-1, dim)
+        sample.append(flat[rng.random(len(flat)) < share])
+    sample = np.concatenate(sample)
+    if len(sample) < 256:
+        raise OvmlError(f"--local-store pq needs at least 256 patches to train its quantizer, got {len(sample)}; "
+                        "use --local-store float16 for so few images")
+    quantizer = faiss.ProductQuantizer(dim, dim // 8, 8)
+    quantizer.cp.seed = seed
+    quantizer.cp.min_points_per_centroid = 1  # small caches: fewer points than FAISS likes, without its warning
+    quantizer.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return quantizer
+
+
+@dataclass(frozen=True)
+class QuantizedPatches:
+    """PQ-coded patch features that read like the float16 array: patches[rows] decodes those rows only."""
+
+    codes: np.ndarray  # [n, patches, code_size] uint8, memory-mapped
+    quantizer: faiss.ProductQuantizer
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.codes.shape[:2], self.quantizer.d)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """float32 [len(rows), patches, d], each decoded patch put back on the unit sphere."""
+        codes = np.asarray(self.codes[rows])
+        decoded = self.quantizer.decode(np.ascontiguousarray(codes.reshape(-1, codes.shape[-1])))
+        decoded /= np.maximum(np.linalg.norm(decoded, axis=1, keepdims=True), 1e-12)
+        return decoded.reshape(*codes.shape[:-1], -1)
+
+
+def read_patches(directory: Path) -> np.ndarray | QuantizedPatches | None:
+    """The cached patch features (memory-mapped float16 [n, patches, d], or PQ codes decoded on access), or None
+    when embedded without --local."""
+    remake = (f"remake it with `ovml embed-images --local --force --dataset {directory.name} --root DIR`")
     try:
-        return np.load(directory / PATCHES, mmap_mode="r", allow_pickle=False)
+        if (directory / PATCH_CODES).is_file():
+            try:
+                quantizer = faiss.read_ProductQuantizer(str(directory / PATCH_QUANTIZER))
+            except RuntimeError:
+                raise OvmlError(f"{directory / PATCH_QUANTIZER} is missing or damaged; {remake}") from None
+            return QuantizedPatches(np.load(directory / PATCH_CODES, mmap_mode="r", allow_pickle=False), quantizer)
+        if (directory / PATCHES).is_file():
+            return np.load(directory / PATCHES, mmap_mode="r", allow_pickle=False)
     except ValueError:
-        raise OvmlError(f"{directory / PATCHES} is damaged; remake it with `ovml embed-images --local --force "
-                        f"--dataset {directory.name} --root DIR`") from None
+        raise OvmlError(f"the patch features in {directory} are damaged; {remake}") from None
+    return None
 
 
 def read_index(path: Path) -> np.ndarray:

@@ -22,9 +22,12 @@ def eval_markdown(report: dict[str, Any]) -> str:
     lines = [eval_tables(report), ""]
     if report.get("local"):
         local = report["local"]
-        lines += [f"`+local` rows: (1 − {local['weight']}) × the method's global score + {local['weight']} × the "
-                  f"mean of its {local['top_k']} best patch scores ({local['patches']} patches per image; "
-                  "embed-images --local).", ""]
+        pooled = f"the mean of its {local['top_k']} best" if local["pooling"] == "top-k" else "the softmax-weighted"
+        scored = ("the adapter's local head (train-adapter --local)" if local.get("local_head") else
+                  "the method's own global scoring")
+        lines += [f"`+local` rows: (1 − {local['weight']}) × the method's global score + {local['weight']} × "
+                  f"{pooled} patch scores ({local['patches']} patches per image, embed-images --local; patches "
+                  f"scored by {scored}).", ""]
     for name, protocol in report["protocols"].items():
         lines += [f"![per-label AP, {name}]({protocol['plots']['ap']}) "
                   f"![precision-recall, {name}]({protocol['plots']['pr']})", ""]

@@ -2,20 +2,24 @@
 
 text_emb/part-NNNNN.parquet holds (caption_id, embedding), one part per captions part. float16 storage
 halves the disk; readers get float32 (what training and FAISS compute in) unless they ask to hold float16.
+`embed-text --local` adds a `tokens` column: each caption's word-token features, list<fixed_size_list<float16>[d]>.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovml.pipeline import atomic
 from ovml.pipeline.errors import OvmlError
 
 STORE_DTYPES = ("float32", "float16")
+TOKENS = "tokens"
 
 
 def embedding_array(matrix: np.ndarray, store_dtype: str = "float32") -> pa.FixedSizeListArray:
@@ -35,10 +39,62 @@ def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndar
 
 
 def write_text_embeddings(path: Path, caption_ids: list[str], embeddings: np.ndarray, store_dtype: str,
-                          metadata: dict[str, str] | None = None) -> None:
-    table = pa.table({"caption_id": pa.array(caption_ids, pa.string()),
-                      "embedding": embedding_array(embeddings, store_dtype)})
+                          metadata: dict[str, str] | None = None, tokens: list[np.ndarray] | None = None) -> None:
+    columns = {"caption_id": pa.array(caption_ids, pa.string()), "embedding": embedding_array(embeddings, store_dtype)}
+    if tokens is not None:
+        columns[TOKENS] = token_array(tokens, embeddings.shape[1])
+    table = pa.table(columns)
     atomic.write_parquet(path, table.replace_schema_metadata(metadata))
+
+
+def token_array(tokens: list[np.ndarray], dim: int) -> pa.ListArray:
+    """Each caption's [words, d] token features as one list of float16 vectors."""
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int32)
+    np.cumsum([len(t) for t in tokens], out=offsets[1:])
+    values = np.concatenate([np.asarray(t, np.float16).reshape(-1, dim) for t in tokens]) if tokens else \
+        np.empty((0, dim), np.float16)
+    return pa.ListArray.from_arrays(pa.array(offsets), embedding_array(values, "float16"))
+
+
+@dataclass(frozen=True)
+class TokenFeatures:
+    """Word-token features of many captions, CSR-style: caption i's are values[offsets[i]:offsets[i + 1]]."""
+
+    offsets: np.ndarray  # [captions + 1] int64
+    values: np.ndarray  # [words, d] float16
+
+    def padded(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([len(rows), longest, d] float16 features zero-padded, [len(rows), longest] bool: a real token)."""
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        longest = max(int(lengths.max(initial=0)), 1)
+        mask = np.arange(longest) < lengths[:, None]
+        out = np.zeros((len(rows), longest, self.values.shape[1]), dtype=np.float16)
+        before = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[mask] = self.values[np.arange(lengths.sum()) - before + np.repeat(starts, lengths)]
+        return out, mask
+
+
+def check_token_features(text_emb_dir: str | Path) -> None:
+    """A one-line error unless every text_emb part holds token features (embed-text --local)."""
+    files = [_open_part(p) for p in text_embedding_parts(Path(text_emb_dir))]
+    if not files or any(TOKENS not in f.schema_arrow.names for f in files):
+        raise OvmlError(f"{text_emb_dir} has no caption token features; re-run `ovml embed-text --local` first")
+
+
+def read_token_features(text_emb_dir: str | Path) -> TokenFeatures:
+    """The `tokens` column of every part, in part order (rows line up with `read_text_embeddings`)."""
+    check_token_features(text_emb_dir)
+    files = [_open_part(p) for p in text_embedding_parts(Path(text_emb_dir))]
+    lengths, values = [], []
+    for f in files:
+        column = f.read(columns=[TOKENS]).column(TOKENS).combine_chunks()
+        lengths.append(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+        values.append(column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(
+            -1, column.type.value_type.list_size))
+    offsets = np.zeros(sum(len(n) for n in lengths) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return TokenFeatures(offsets, np.concatenate(values).astype(np.float16, copy=False))
 
 
 def text_embedding_parts(text_emb_dir: Path) -> list[Path]:

@@ -7,6 +7,7 @@ killed run loses at most one batch; the last step assembles the cache and drops 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,13 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import Dataset, Record, read_dataset
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache, write_patches
+from ovml.pipeline.image_cache import (
+    FAILURES_SCHEMA,
+    ITEMS_SCHEMA,
+    PATCH_STORES,
+    write_image_cache,
+    write_patches,
+)
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
@@ -42,7 +49,8 @@ class EmbedImagesConfig:
     root: str = ""
     limit: int | None = None
     mosaic: int = 2
-    local: bool = False  # also cache per-patch features (patches.npy, float16) for local scoring in eval
+    local: bool = False  # also cache per-patch features for local scoring in eval
+    local_store: Literal["float16", "pq"] = "float16"  # patches.npy, or PQ codes 16x smaller (large datasets)
     batch_size: int = not_fingerprinted(64)
     workers: int = not_fingerprinted(2)
     engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same chunks, same cache
@@ -65,8 +73,10 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     run_dir = RunDir(cfg.run_dir)
     params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
-    if not cfg.local:
-        del params["local"]  # caches made before --local existed keep their fingerprint: no re-embedding
+    if cfg.local_store not in PATCH_STORES:
+        raise OvmlError(f"--local-store must be one of {', '.join(PATCH_STORES)}, got '{cfg.local_store}'")
+    if not cfg.local:  # caches made before --local existed keep their fingerprint: no re-embedding
+        del params["local"], params["local_store"]
     output = image_cache(dataset.name)
     return run_stage(
         run_dir, f"embed_images/{cfg.dataset}", params=params,
@@ -97,9 +107,11 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
             progress.advance(task, table.num_rows)
     seconds = time.perf_counter() - started
 
-    # A batch of unreadable images has no patches column: promotion fills it with nulls.
-    table = pa.concat_tables((pq.read_table(p) for p in sorted(chunks.glob("chunk-*.parquet"))),
-                             promote_options="default").sort_by("row")
+    # Patches stay on disk (read chunk by chunk by write_patches); a batch of unreadable images has no patches
+    # column, so only the columns every chunk has are read here.
+    chunk_files = sorted(chunks.glob("chunk-*.parquet"))
+    table = pa.concat_tables(pq.read_table(p, columns=["row", "embedding", "error"]) for p in chunk_files
+                             ).sort_by("row")
     if table["row"].to_pylist() != list(range(len(records))):
         raise RuntimeError(f"chunks under {chunks} do not cover rows 0..{len(records) - 1} exactly once")
     ok = table.filter(pc.is_null(table["error"]))
@@ -107,7 +119,9 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
     vectors = embedding_matrix(ok["embedding"])
     kept = [records[row] for row in ok["row"].to_pylist()]
     if cfg.local:
-        write_patches(directory, ok["patches"], encoder.dim)
+        kept_rows = ok["row"].to_numpy()
+        write_patches(directory, [functools.partial(_chunk_patches, p, kept_rows, encoder.dim) for p in chunk_files],
+                      len(kept_rows), cfg.local_store)
     write_image_cache(directory, vectors, _items_table(kept), _failures_table(records, failed), {
         "dataset": dataset.name, "root": str(dataset.root), "clip": cfg.clip,
         "random_weights": encoder.random_weights, "labels": dataset.labels, "splits": dataset.splits,
@@ -120,6 +134,16 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
     if todo:
         summary["images_per_s"] = round(len(todo) / seconds, 2)
     return summary
+
+
+def _chunk_patches(chunk_file: Path, kept_rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions among the kept rows, float16 patches [n, patches, d]) of one chunk's readable images."""
+    table = pq.read_table(chunk_file)
+    if "patches" not in table.column_names:  # every image of the chunk failed
+        return np.empty(0, np.int64), np.empty((0, 0, dim), np.float16)
+    table = table.filter(pc.is_null(table["error"]))
+    values = table["patches"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.searchsorted(kept_rows, table["row"].to_numpy()), values.reshape(table.num_rows, -1, dim)
 
 
 def _chunks_locally(cfg: EmbedImagesConfig, records: list[Record], todo: list[int], encoder):

@@ -35,6 +35,7 @@ class EmbedTextConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     store_dtype: Literal["float32", "float16"] = "float32"
     templates: Literal["pool", "single"] = "pool"
+    local: bool = False  # also store each caption's word-token features (float16) for train-adapter --local
     engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same parts either way
     ray_address: str = not_fingerprinted("auto")
     ray_actors: int = not_fingerprinted(2)
@@ -53,8 +54,12 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     if cfg.batch_size < 1:
         raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
     check_engine(cfg.engine, cfg.ray_actors)
+    if cfg.local and cfg.engine == "ray":
+        raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
     autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
     params = as_params(cfg)
+    if not cfg.local:
+        del params["local"]  # text_emb/ made before --local existed keeps its fingerprint: no re-embedding
     params["label_templates_sha256"] = templates_digest(cfg.templates)
     earlier = {} if cfg.force else _earlier_parts(run_dir, params, parts)
     return run_stage(
@@ -98,9 +103,10 @@ def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earli
         embedded, started = 0, time.perf_counter()
         embeddings = _on_ray(cfg, captions, progress) if cfg.engine == "ray" else \
             _locally(cfg, encoder, captions, progress)
-        for part, caption_ids, vectors, truncated in embeddings:
+        for part, caption_ids, vectors, truncated, tokens in embeddings:
             write_text_embeddings(out / TEXT_EMB / part.name, caption_ids, vectors, cfg.store_dtype,
-                                  metadata={TRUNCATED_KEY: str(int(truncated.sum())), "clip": cfg.clip})
+                                  metadata={TRUNCATED_KEY: str(int(truncated.sum())), "clip": cfg.clip},
+                                  tokens=tokens)
             embedded += len(caption_ids)
         seconds = time.perf_counter() - started
         labels_task = bar.add_task("label prompts", total=len(labels) * len(load_templates(cfg.templates)))
@@ -120,11 +126,14 @@ def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earli
 
 
 def _locally(cfg: EmbedTextConfig, encoder, captions: dict[Path, tuple[list[str], list[str]]], progress):
-    """(part, caption ids, float32 embeddings, truncated flags) for each part, embedded in this process."""
+    """(part, caption ids, float32 embeddings, truncated flags, token features or None) for each part, embedded in
+    this process. With --local the tokens run through the tower twice (pooled, then every position), so the
+    pooled embeddings stay exactly those of a run without --local."""
     for part, (caption_ids, texts) in captions.items():
         tokens, truncated = encoder.tokenize(texts)
-        yield part, caption_ids, encoder.encode_tokens(tokens, cfg.batch_size, precision=cfg.precision,
-                                                       progress=progress), truncated
+        embeddings = encoder.encode_tokens(tokens, cfg.batch_size, precision=cfg.precision, progress=progress)
+        words = encoder.encode_token_features(tokens, cfg.batch_size) if cfg.local else None
+        yield part, caption_ids, embeddings, truncated, words
 
 
 def _on_ray(cfg: EmbedTextConfig, captions: dict[Path, tuple[list[str], list[str]]], progress):
@@ -138,7 +147,7 @@ def _on_ray(cfg: EmbedTextConfig, captions: dict[Path, tuple[list[str], list[str
         progress(table.num_rows)
         part = by_name[name]
         yield part, captions[part][0], embedding_matrix(table["embedding"]), \
-            table["truncated"].to_numpy(zero_copy_only=False)
+            table["truncated"].to_numpy(zero_copy_only=False), None
 
 
 class TextPartWorker:

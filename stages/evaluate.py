@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline import atomic
-from ovml.pipeline.adapter import AdapterConfig, load_adapter
+from ovml.pipeline.adapter import LOCAL_WEIGHT, Adapter, AdapterConfig, load_adapter, pool_tokens
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
@@ -62,8 +62,8 @@ class EvalConfig:
     device: str = not_fingerprinted("auto")
     dataset: str = "folder"
     save_scores: Literal["top", "all"] = "top"
-    local_weight: float = 0.25  # +local rows: (1 - w) * global score + w * pooled patch score
-    local_top_k: int = 4  # +local rows: a label's patch score is the mean of its k best patches
+    local_weight: float = LOCAL_WEIGHT  # +local rows: (1 - w) * global score + w * pooled patch score
+    local_top_k: int = 4  # +local rows of an adapter without a local head: the mean of a label's k best patches
     force: bool = not_fingerprinted(False)
 
 
@@ -123,9 +123,9 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         if len(patches) != len(items):
             raise OvmlError(f"{cache} is inconsistent ({len(items)} items, {len(patches)} patch rows); re-run "
                             "`ovml embed-images --local --force`")
-        for method, transform in (("adapter", adapter.all_features), ("zero-shot", lambda x: x)):
-            scorers[f"{method}+local"] = LocalScorer(scorers[method], patches, np.arange(len(patches)), transform,
-                                                     cfg.local_top_k, cfg.local_weight)
+        for method, patch_scores in _patch_pooling(adapter, cfg.local_top_k).items():
+            scorers[f"{method}+local"] = LocalScorer(scorers[method], patches, np.arange(len(patches)), patch_scores,
+                                                     cfg.local_weight)
     truth = ground_truth(items, score_labels)
     column = {label: i for i, label in enumerate(score_labels)}
 
@@ -136,7 +136,10 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
     if patches is not None:
-        report["local"] = {"weight": cfg.local_weight, "top_k": cfg.local_top_k, "patches": int(patches.shape[1])}
+        head = adapter_config.local_pooling is not None
+        report["local"] = {"weight": cfg.local_weight, "patches": int(patches.shape[1]), "local_head": head,
+                           "pooling": adapter_config.local_pooling if head else "top-k",
+                           "top_k": adapter_config.local_top_k if head else cfg.local_top_k}
     selections = []
     for protocol, labels in protocols:
         cols = np.array([column[label] for label in labels])
@@ -205,17 +208,31 @@ class Scorer:
 IMAGES_PER_PATCH_BATCH = 64  # patch scores of [batch, patches, labels] at a time
 
 
+def _patch_pooling(adapter: Adapter, top_k: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """How each method turns patch features [n, patches, d] into label scores [n, labels].
+
+    An adapter with a local head scores patches with it and pools them as it pooled caption tokens in training;
+    zero-shot then pools its patch cosines the same way (at the adapter's logit scale, divided back), so the
+    `+local` rows differ by the training alone. Without a local head both take the mean of the `top_k` best
+    patch scores, the adapter scoring patches with its global head."""
+    config = adapter.config
+    if config.local_pooling is not None:
+        def zero_shot(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return pool_tokens(config.scale * p @ w.T, None, config.local_pooling, config.local_top_k) / config.scale
+        return {"adapter": lambda p, w: adapter.local_logits(adapter.local_features(p), w), "zero-shot": zero_shot}
+    return {"adapter": lambda p, w: pool_tokens(adapter(p, w), None, "top-k", top_k),
+            "zero-shot": lambda p, w: pool_tokens(p @ w.T, None, "top-k", top_k)}
+
+
 @dataclass
 class LocalScorer:
     """A global method fused with the same method on patch features (the `+local` rows):
-    (1 - weight) * global score + weight * the mean of the label's top_k patch scores. Patches are scored the
-    way the method scores images (the adapter's features, then its logits), so only the pooling is new."""
+    (1 - weight) * global score + weight * the pooled patch score (`_patch_pooling`)."""
 
     global_scorer: Scorer
     patches: np.ndarray  # [cached images, patches, d] float16, memory-mapped
     patch_rows: np.ndarray  # the cached row of each of this scorer's images
-    transform: Callable[[torch.Tensor], torch.Tensor]
-    top_k: int
+    patch_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # [n, patches, d], [labels, d] -> [n, labels]
     weight: float
 
     @property
@@ -235,15 +252,12 @@ class LocalScorer:
         for start in range(0, len(cached), IMAGES_PER_PATCH_BATCH):
             batch = torch.from_numpy(np.asarray(self.patches[cached[start:start + IMAGES_PER_PATCH_BATCH]],
                                                 dtype=np.float32))
-            n, count, dim = batch.shape
-            patch_scores = self.global_scorer.logits(self.transform(batch.reshape(-1, dim)), label_emb)
-            best = patch_scores.reshape(n, count, -1).topk(min(self.top_k, count), dim=1).values
-            local[start:start + n] = best.mean(dim=1).float().numpy()
+            local[start:start + len(batch)] = self.patch_scores(batch, label_emb).float().numpy()
         return (1 - self.weight) * global_scores + self.weight * local
 
     def of_images(self, rows: np.ndarray) -> LocalScorer:
-        return LocalScorer(self.global_scorer.of_images(rows), self.patches, self.patch_rows[rows], self.transform,
-                           self.top_k, self.weight)
+        return LocalScorer(self.global_scorer.of_images(rows), self.patches, self.patch_rows[rows], self.patch_scores,
+                           self.weight)
 
 
 @dataclass

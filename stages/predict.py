@@ -2,7 +2,8 @@
 
 Not a pipeline stage: it reads the adapter and caches label embeddings in the run dir, but writes no
 artifact of its own. Adapter scores are sigmoid(logit) (the adapter is trained as a multi-label
-classifier); zero-shot scores are the cosine of image and label embeddings.
+classifier); zero-shot scores are the cosine of image and label embeddings. With --local, the adapter's logit
+is fused with its local head's pooled patch logit as in eval's adapter+local row (LOCAL_WEIGHT).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ovml.pipeline.adapter import load_adapter
+from ovml.pipeline.adapter import LOCAL_WEIGHT, load_adapter
 from ovml.pipeline.artifacts import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_CACHE
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
@@ -35,6 +36,7 @@ class PredictConfig:
     labels_file: str | None = None
     top_k: int = 5
     zero_shot: bool = False
+    local: bool = False  # fuse in the adapter's local head on the image patches (train-adapter --local)
 
 
 def predict(cfg: PredictConfig) -> list[dict]:
@@ -44,24 +46,38 @@ def predict(cfg: PredictConfig) -> list[dict]:
         raise OvmlError(f"--top-k must be at least 1, got {cfg.top_k}")
     if not cfg.images:
         raise OvmlError("no image given; pass one or more image files, e.g. `ovml predict photo.jpg --labels ...`")
+    if cfg.local and cfg.zero_shot:
+        raise OvmlError("--local uses the adapter's local head; drop --zero-shot (or --local)")
     images = [_open(path) for path in cfg.images]
     run_dir = RunDir(cfg.run_dir)
     if not cfg.zero_shot:
         run_dir.require(ADAPTER, produced_by="train_adapter")
         run_dir.verified_hashes([p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()])
     encoder = load_clip(cfg.clip, cfg.device)
-    vectors = np.concatenate([
-        encoder.encode_image_batch(torch.stack([encoder.preprocess(image) for image in images[i:i + IMAGE_BATCH]]))
-        for i in range(0, len(images), IMAGE_BATCH)
-    ])
+    adapter, adapter_config = (None, None) if cfg.zero_shot else load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+    if cfg.local and adapter_config.local_pooling is None:
+        raise OvmlError(f"the adapter in {run_dir / ADAPTER} has no local head; train it with "
+                        "`ovml train-adapter --local` (after `ovml embed-text --local`) or drop --local")
+    batches = [torch.stack([encoder.preprocess(image) for image in images[i:i + IMAGE_BATCH]])
+               for i in range(0, len(images), IMAGE_BATCH)]
+    if cfg.local:
+        global_and_patches = [encoder.encode_image_patches(batch) for batch in batches]
+        vectors = np.concatenate([vectors for vectors, _ in global_and_patches])
+        patches = torch.from_numpy(np.concatenate([patches for _, patches in global_and_patches]))
+    else:
+        vectors = np.concatenate([encoder.encode_image_batch(batch) for batch in batches])
     if cfg.zero_shot:
         label_emb = label_embeddings(encoder, labels, "pool", cache_dir=run_dir / LABEL_CACHE)
         method, scores = "zero-shot", vectors @ label_emb.T
     else:
-        adapter, adapter_config = load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
         label_emb = label_embeddings(encoder, labels, adapter_config.label_templates, cache_dir=run_dir / LABEL_CACHE)
-        logits = adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb))
-        method, scores = "adapter", torch.sigmoid(torch.from_numpy(logits)).numpy()
+        logits = torch.from_numpy(adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb)))
+        method = "adapter"
+        if cfg.local:
+            with torch.inference_mode():
+                local = adapter.local_logits(adapter.local_features(patches), torch.from_numpy(label_emb))
+            logits, method = (1 - LOCAL_WEIGHT) * logits + LOCAL_WEIGHT * local, "adapter+local"
+        scores = torch.sigmoid(logits).numpy()
     best = np.argsort(-scores, axis=1, kind="stable")[:, :cfg.top_k]  # ties -> the label listed first
     return [
         {"image": path, "method": method, "random_weights": bool(encoder.random_weights),

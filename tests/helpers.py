@@ -163,6 +163,16 @@ def folder_release(root: Path) -> Path:
     return root / "labels.csv"
 
 
+def noise_folder(root, images=20):
+    """A folder release of `images` random-noise photos: 320 patches with the tiny CLIP, enough to train PQ."""
+    rng = np.random.default_rng(0)
+    (root / "imgs").mkdir(parents=True)
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"imgs/{i}.png")
+    (root / "labels.csv").write_text("path,labels\n" + "".join(f"imgs/{i}.png,cat\n" for i in range(images)))
+    return root / "labels.csv"
+
+
 def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=None, ignored=None, seed=0):
     """images/<dataset>/ as embed-images writes it; each image vector leans towards its positives' embeddings."""
     encoder = load_clip(clip)
@@ -186,15 +196,20 @@ def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=Non
     return vectors
 
 
-def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog"), label_templates="pool"):
-    """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layer."""
+def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog"), label_templates="pool",
+                  local_pooling=None):
+    """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layers; a local head
+    with local_pooling set. Returns the model."""
     dim = load_clip(clip).dim
     torch.manual_seed(seed)
     model = Adapter(AdapterConfig(dim=dim, clip=clip, vocabulary=list(vocabulary), label_templates=label_templates,
-                                  hidden=16, dropout=0.0, training={"noise": 0.04, "seed": seed}))
+                                  hidden=16, dropout=0.0, local_pooling=local_pooling,
+                                  training={"noise": 0.04, "seed": seed}))
     if trained:
-        torch.nn.init.normal_(model.mlp[-1].weight, std=0.5)
+        for mlp in (model.mlp, model.local_mlp) if local_pooling else (model.mlp,):
+            torch.nn.init.normal_(mlp[-1].weight, std=0.5)
     save_adapter(run_dir / "adapter", model)
+    return model.eval()
 
 
 def ctrl_c_once_chunks_are_staged(staging: Path, chunks: int = 3) -> None:

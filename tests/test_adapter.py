@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovml.pipeline.adapter import Adapter, AdapterConfig, load_adapter, perturb, save_adapter
+from ovml.pipeline.adapter import Adapter, AdapterConfig, load_adapter, perturb, pool_tokens, save_adapter
 from ovml.pipeline.errors import OvmlError
 
 DIM = 16
@@ -92,3 +92,48 @@ def test_loading_with_another_embedding_size_is_a_one_line_error(tmp_path):
 def test_loading_from_a_folder_without_an_adapter_says_how_to_make_one(tmp_path):
     with pytest.raises(OvmlError, match="ovml train-adapter"):
         load_adapter(tmp_path / "adapter", "ovml-tiny:random", DIM)
+
+
+def test_softmax_pooling_lies_between_the_mean_and_the_max_of_the_real_tokens():
+    z = torch.tensor([[[1.0], [3.0], [99.0]]])  # one row, tokens 1 and 3 real, the third is padding
+    pooled = pool_tokens(z, torch.tensor([[True, True, False]]), "softmax", top_k=2).item()
+    weights = torch.softmax(torch.tensor([1.0, 3.0]), dim=0)
+    assert pooled == pytest.approx(float(weights @ torch.tensor([1.0, 3.0])))
+    assert 2.0 < pooled < 3.0
+
+
+def test_top_k_pooling_averages_the_k_best_real_tokens_and_fewer_when_a_row_is_short():
+    z = torch.tensor([[[1.0], [3.0], [2.0]], [[5.0], [99.0], [99.0]]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert pool_tokens(z, mask, "top-k", top_k=2)[:, 0].tolist() == [2.5, 5.0]
+
+
+def test_a_row_without_tokens_pools_to_zero_with_a_finite_gradient():
+    z = torch.tensor([[[1.0], [2.0]], [[4.0], [8.0]]], requires_grad=True)
+    mask = torch.tensor([[False, False], [True, True]])
+    for pooling in ("softmax", "top-k"):
+        pooled = pool_tokens(z, mask, pooling, top_k=2)
+        assert pooled[0, 0].item() == 0.0
+        grad, = torch.autograd.grad(pooled.sum(), z)
+        assert torch.isfinite(grad).all() and (grad[0] == 0).all()
+
+
+def test_an_adapter_without_a_local_head_has_only_the_global_weights():
+    assert set(adapter().state_dict()) == {"bias", "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias"}
+
+
+def test_an_untrained_local_head_scores_tokens_as_pooled_zero_shot():
+    model = adapter(local_pooling="top-k", local_top_k=1, scale=10.0).eval()
+    tokens, labels = unit(3, 4, DIM), unit(2, DIM, seed=1)
+    expected = (10.0 * tokens @ labels.T).max(dim=1).values
+    assert torch.allclose(model.local_logits(model.local_features(tokens), labels), expected, atol=1e-5)
+
+
+def test_a_local_head_survives_the_safetensors_round_trip(tmp_path):
+    model = trained_looking(adapter(local_pooling="softmax"))
+    save_adapter(tmp_path, model)
+    loaded, config = load_adapter(tmp_path, "ovml-tiny:random", DIM)
+    tokens, labels = unit(3, 4, DIM), unit(2, DIM, seed=1)
+    assert config.local_pooling == "softmax"
+    assert torch.equal(loaded.local_logits(loaded.local_features(tokens), labels),
+                       model.local_logits(model.local_features(tokens), labels))

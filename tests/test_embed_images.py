@@ -10,6 +10,7 @@ import helpers
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from ovml.cli import app
@@ -171,3 +172,31 @@ def test_patch_features_on_the_ray_engine_are_refused_before_anything_runs(tmp_p
     with pytest.raises(OvmlError, match="--local .* local engine only"):
         embed_images(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_pq_store_keeps_product_quantizer_codes_that_decode_close_to_the_float16_patches(tmp_path, tiny_clip):
+    csv_file = helpers.noise_folder(tmp_path / "data")
+    embed_images(config(tmp_path / "half", tiny_clip, "folder", csv_file, local=True))
+    embed_images(config(tmp_path / "pq", tiny_clip, "folder", csv_file, local=True, local_store="pq"))
+    half = read_patches(tmp_path / "half/run/images/folder")
+    coded = read_patches(tmp_path / "pq/run/images/folder")
+    directory = tmp_path / "pq/run/images/folder"
+    assert not (directory / "patches.npy").exists()
+    codes = np.load(directory / "patches_pq.npy")
+    assert codes.dtype == np.uint8 and codes.shape == (20, 16, half.shape[2] // 8)
+    assert coded.shape == half.shape and len(coded) == 20
+    decoded = coded[np.array([7, 0])]
+    cosine = (decoded * half[[7, 0]].astype(np.float32)).sum(axis=-1)
+    assert cosine.min() > 0.9 and np.allclose(np.linalg.norm(decoded, axis=-1), 1, atol=1e-5)
+
+
+def test_pq_store_for_too_few_patches_is_a_one_line_error(tmp_path, tiny_clip):
+    with pytest.raises(OvmlError, match="at least 256 patches"):
+        embed_images(config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"), local=True,
+                            local_store="pq"))
+
+
+def test_an_unknown_local_store_is_a_one_line_error(tmp_path, tiny_clip):
+    with pytest.raises(OvmlError, match="--local-store"):
+        embed_images(config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"), local=True,
+                            local_store="zip"))

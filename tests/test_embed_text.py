@@ -14,7 +14,7 @@ from ovml.cli import app
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings
-from ovml.pipeline.text_embeddings import read_text_embeddings
+from ovml.pipeline.text_embeddings import read_text_embeddings, read_token_features
 from ovml.stages.embed_text import EmbedTextConfig, embed_text
 
 VOCABULARY = ["dog", "beach", "bicycle"]
@@ -216,3 +216,42 @@ def test_captions_set_aside_in_the_archive_are_neither_read_nor_fingerprinted(ti
     archived.write_bytes(b"not even parquet")
     assert embed_text(config(tmp_path, tiny_clip)).status == "skipped"
     assert embed_text(config(tmp_path, tiny_clip, force=True)).summary["texts"] == first.summary["texts"]
+
+
+def test_local_stores_word_token_features_beside_the_same_caption_embeddings(tiny_clip, tmp_path):
+    write_captions(tmp_path / "global")
+    write_captions(tmp_path / "local")
+    embed_text(config(tmp_path / "global", tiny_clip))
+    embed_text(config(tmp_path / "local", tiny_clip, local=True))
+    encoder = load_clip(tiny_clip, device="cpu")
+    for name, texts in PARTS.items():
+        plain = pq.read_table(tmp_path / "global/text_emb" / name)
+        local = pq.read_table(tmp_path / "local/text_emb" / name)
+        assert "tokens" not in plain.column_names
+        assert local["embedding"].equals(plain["embedding"])
+        tokens, _ = encoder.tokenize(texts)
+        expected = encoder.encode_token_features(tokens)
+        for stored, words in zip(local["tokens"].to_pylist(), expected, strict=True):
+            np.testing.assert_array_equal(np.array(stored, dtype=np.float16), words)
+
+
+def test_token_features_read_back_in_part_order_and_pad_per_batch(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    embed_text(config(tmp_path, tiny_clip, local=True))
+    features = read_token_features(tmp_path / "text_emb")
+    encoder = load_clip(tiny_clip, device="cpu")
+    all_texts = [text for texts in PARTS.values() for text in texts]
+    lengths = [len(words) for words in encoder.encode_token_features(encoder.tokenize(all_texts)[0])]
+    assert np.diff(features.offsets).tolist() == lengths
+    padded, real = features.padded(np.array([2, 0]))
+    assert padded.shape == (2, max(lengths[2], lengths[0]), encoder.dim)
+    assert real.sum(axis=1).tolist() == [lengths[2], lengths[0]]
+    np.testing.assert_array_equal(padded[1, :lengths[0]], features.values[:lengths[0]])
+    assert not padded[~real].any()
+
+
+def test_local_on_the_ray_engine_is_refused_before_anything_runs(tiny_clip, tmp_path):
+    write_captions(tmp_path)
+    with pytest.raises(OvmlError, match="--local .* local engine"):
+        embed_text(config(tmp_path, tiny_clip, local=True, engine="ray"))
+    assert not (tmp_path / "text_emb").exists()

@@ -335,7 +335,7 @@ def test_a_cache_with_patch_features_adds_the_local_rows_to_the_report(local_run
     report = json.loads((local_run / "eval/folder/report.json").read_text())
     assert set(report["protocols"]["all"]["metrics"]) == {"adapter", "zero-shot", "adapter+local",
                                                           "zero-shot+local"}
-    assert report["local"] == {"weight": 0.25, "top_k": 4, "patches": 16}
+    assert report["local"] == {"weight": 0.25, "top_k": 4, "patches": 16, "pooling": "top-k", "local_head": False}
     assert "| zero-shot+local |" in (local_run / "eval/folder/report.md").read_text()
 
 
@@ -363,3 +363,60 @@ def test_zero_shot_local_at_full_weight_is_the_best_patch_cosine(local_run, tiny
 def test_local_weight_outside_zero_to_one_is_a_one_line_error(local_run, tiny_clip):
     with pytest.raises(OvmlError, match="--local-weight"):
         run_eval(local_run, tiny_clip, dataset="folder", local_weight=1.5)
+
+
+def test_an_adapter_with_a_local_head_scores_patches_with_it_at_full_weight(local_run, tiny_clip):
+    from ovml.pipeline.image_cache import read_patches
+
+    model = build_adapter(local_run, tiny_clip, local_pooling="softmax")
+    run_eval(local_run, tiny_clip, dataset="folder", save_scores="all", local_weight=1.0)
+    report = json.loads((local_run / "eval/folder/report.json").read_text())
+    assert report["local"] | {"weight": 1.0} == {"weight": 1.0, "top_k": 2, "patches": 16, "pooling": "softmax",
+                                                  "local_head": True}
+    patches = torch.from_numpy(read_patches(local_run / "images/folder").astype(np.float32))
+    label_emb = torch.from_numpy(label_embeddings(load_clip(tiny_clip, "cpu"), report["protocols"]["all"]["labels"],
+                                                  "pool"))
+    with torch.inference_mode():
+        expected = model.local_logits(model.local_features(patches), label_emb).numpy()
+    rows = [row for row in pq.read_table(local_run / "eval/folder/scores.parquet").to_pylist()
+            if row["method"] == "adapter+local"]
+    for i, row in enumerate(rows):
+        assert row["scores"] == pytest.approx(expected[i], abs=1e-4)
+
+
+def test_zero_shot_local_pools_patches_as_the_adapters_local_head_does(local_run, tiny_clip):
+    """The zero-shot+local row isolates the pooling: patch cosines pooled the same way, no training."""
+    from ovml.pipeline.adapter import pool_tokens
+    from ovml.pipeline.image_cache import read_patches
+
+    model = build_adapter(local_run, tiny_clip, local_pooling="softmax")
+    run_eval(local_run, tiny_clip, dataset="folder", save_scores="all", local_weight=1.0)
+    labels = json.loads((local_run / "eval/folder/report.json").read_text())["protocols"]["all"]["labels"]
+    patches = torch.from_numpy(read_patches(local_run / "images/folder").astype(np.float32))
+    label_emb = torch.from_numpy(label_embeddings(load_clip(tiny_clip, "cpu"), labels, "pool"))
+    scale = model.config.scale
+    expected = (pool_tokens(scale * patches @ label_emb.T, None, "softmax", 2) / scale).numpy()
+    rows = [row for row in pq.read_table(local_run / "eval/folder/scores.parquet").to_pylist()
+            if row["method"] == "zero-shot+local"]
+    for i, row in enumerate(rows):
+        assert row["scores"] == pytest.approx(expected[i], abs=1e-5)
+
+
+def test_eval_reads_a_pq_patch_cache_as_it_reads_float16_patches(tmp_path, tiny_clip):
+    import helpers
+
+    from ovml.stages.embed_images import EmbedImagesConfig, embed_images
+
+    csv_file = helpers.noise_folder(tmp_path / "data")
+    maps = {}
+    for store in ("float16", "pq"):
+        run_dir = tmp_path / store
+        embed_images(EmbedImagesConfig(run_dir=run_dir, clip=tiny_clip, device="cpu", dataset="folder", workers=0,
+                                       root=str(csv_file), local=True, local_store=store))
+        build_adapter(run_dir, tiny_clip, vocabulary=("cat",))
+        run_eval(run_dir, tiny_clip, dataset="folder", save_scores="all", local_weight=1.0)
+        maps[store] = {row["image_id"]: row["scores"] for row in
+                       pq.read_table(run_dir / "eval/folder/scores.parquet").to_pylist()
+                       if row["method"] == "zero-shot+local"}
+    for image_id, scores in maps["float16"].items():
+        assert maps["pq"][image_id] == pytest.approx(scores, abs=0.05)

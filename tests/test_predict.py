@@ -146,3 +146,34 @@ def test_predict_leaves_embed_texts_labels_folder_alone(photos, run_dir, tiny_cl
     result = ovml_predict(*photos, "--labels", LABELS, "--run-dir", run_dir, "--clip", tiny_clip)
     assert result.exit_code == 0, result.output
     assert not (run_dir / "labels").exists()
+
+
+def test_local_fuses_the_adapters_local_head_on_the_patches_as_eval_does(photos, tmp_path, tiny_clip):
+    import torch
+
+    from ovml.pipeline.adapter import LOCAL_WEIGHT
+    from ovml.pipeline.clip import load_clip
+    from ovml.pipeline.label_embeddings import label_embeddings
+
+    run_dir = tmp_path / "local-run"
+    model = build_adapter(run_dir, tiny_clip, local_pooling="top-k")
+    result = ovml_predict(photos[0], "--labels", LABELS, "--top-k", 5, "--json", "--local", "--run-dir", run_dir,
+                          "--clip", tiny_clip)
+    assert result.exit_code == 0, result.output
+    prediction = json.loads(result.stdout)[0]
+    assert prediction["method"] == "adapter+local"
+    encoder = load_clip(tiny_clip, "cpu")
+    vectors, patches = encoder.encode_image_patches(encoder.preprocess(Image.open(photos[0]).convert("RGB"))[None])
+    label_emb = torch.from_numpy(label_embeddings(encoder, LABELS.split(","), "pool"))
+    with torch.inference_mode():
+        fused = ((1 - LOCAL_WEIGHT) * model(torch.from_numpy(vectors), label_emb)
+                 + LOCAL_WEIGHT * model.local_logits(model.local_features(torch.from_numpy(patches)), label_emb))
+    expected = dict(zip(LABELS.split(","), torch.sigmoid(fused)[0].tolist(), strict=True))
+    assert {item["label"]: item["score"] for item in prediction["labels"]} == pytest.approx(expected, abs=1e-5)
+
+
+def test_local_with_an_adapter_without_a_local_head_is_a_one_line_error(photos, run_dir, tiny_clip):
+    result = ovml_predict(photos[0], "--labels", LABELS, "--local", "--run-dir", run_dir, "--clip", tiny_clip)
+    assert result.exit_code != 0
+    assert "train-adapter --local" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

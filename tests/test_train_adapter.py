@@ -34,8 +34,10 @@ def unit(m: np.ndarray) -> np.ndarray:
     return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def write_run(root: Path, label_emb: np.ndarray, text_emb: np.ndarray, targets: np.ndarray) -> Path:
-    """The artifacts generate-text and embed-text would leave: captions, vocabulary, text_emb, labels."""
+def write_run(root: Path, label_emb: np.ndarray, text_emb: np.ndarray, targets: np.ndarray,
+              tokens: list[np.ndarray] | None = None) -> Path:
+    """The artifacts generate-text and embed-text (with --local when tokens are given) would leave: captions,
+    vocabulary, text_emb, labels."""
     vocabulary = [f"label{i}" for i in range(len(label_emb))]
     ids = [f"c{i:05d}" for i in range(len(text_emb))]
     (root / "captions").mkdir(parents=True)
@@ -43,7 +45,7 @@ def write_run(root: Path, label_emb: np.ndarray, text_emb: np.ndarray, targets: 
                              "labels": [[vocabulary[j] for j in np.flatnonzero(row)] for row in targets]}),
                    root / "captions/part-00000.parquet")
     (root / "captions/vocabulary.json").write_text(json.dumps({"labels": vocabulary, "synonyms": {}}))
-    write_text_embeddings(root / "text_emb/part-00000.parquet", ids, text_emb, "float32")
+    write_text_embeddings(root / "text_emb/part-00000.parquet", ids, text_emb, "float32", tokens=tokens)
     (root / "labels").mkdir()
     pq.write_table(pa.table({"label": vocabulary, "embedding": embedding_array(label_emb)}),
                    root / "labels/train.parquet")
@@ -55,6 +57,18 @@ def small_run(root: Path, seed: int = 0, n: int = 300, labels: int = 6, dim: int
     label_emb = unit(rng.normal(size=(labels, dim)))
     targets = rng.random((n, labels)) < 0.3
     return write_run(root, label_emb, unit(targets @ label_emb + 0.5 * rng.normal(size=(n, dim))), targets)
+
+
+def local_run(root: Path, seed: int = 0, n: int = 300, labels: int = 6, dim: int = 16) -> Path:
+    """small_run with word tokens: one noisy token per label of the caption, and a filler token, all with their
+    dimensions reversed: a gap between word and label features that zero-shot pooling cannot cross, training can."""
+    rng = np.random.default_rng(seed)
+    label_emb = unit(rng.normal(size=(labels, dim)))
+    targets = rng.random((n, labels)) < 0.3
+    tokens = [unit(np.vstack([label_emb[np.flatnonzero(row)], rng.normal(size=(1, dim))])[:, ::-1]
+                   + 0.3 * rng.normal(size=(row.sum() + 1, dim))) for row in targets]
+    text = unit(targets @ label_emb + 0.5 * rng.normal(size=(n, dim)))
+    return write_run(root, label_emb, text, targets, tokens)
 
 
 def config(run_dir: Path, **overrides) -> TrainAdapterConfig:
@@ -234,3 +248,48 @@ def test_a_bad_setting_is_a_one_line_error_that_keeps_the_trained_adapter(tmp_pa
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
     assert {p.name: p.read_bytes() for p in (run / "adapter").iterdir()} == before
+
+
+def local_head_map(run: Path, model) -> float:
+    """mAP of the local head on the run's own caption tokens: how well it finds a caption's labels among its words."""
+    from ovml.pipeline.text_embeddings import read_token_features
+
+    features = read_token_features(run / "text_emb")
+    words, real = features.padded(np.arange(len(features.offsets) - 1))
+    captions = pq.read_table(run / "captions/part-00000.parquet").to_pylist()
+    vocabulary = json.loads((run / "captions/vocabulary.json").read_text())["labels"]
+    truth = np.array([[label in row["labels"] for label in vocabulary] for row in captions])
+    label_emb = torch.from_numpy(np.array(pq.read_table(run / "labels/train.parquet")["embedding"].to_pylist(),
+                                          dtype=np.float32))
+    with torch.inference_mode():
+        scores = model.local_logits(model.local_features(torch.from_numpy(words).float()), label_emb,
+                                      torch.from_numpy(real)).numpy()
+    return mean_average_precision(average_precision(scores, truth))
+
+
+def test_local_trains_a_head_that_finds_a_captions_labels_among_its_words_where_zero_shot_cannot(tmp_path):
+    from ovml.pipeline.adapter import Adapter
+
+    run = local_run(tmp_path)
+    train_adapter(config(run, local=True, epochs=30, patience=30, lr=1e-2))
+    model, adapter_config = load_adapter(run / "adapter", CLIP, 16)
+    assert adapter_config.local_pooling == "softmax"
+    untrained = Adapter(adapter_config).eval()
+    assert local_head_map(run, model) > local_head_map(run, untrained) + 0.3
+
+
+def test_local_without_token_features_is_a_one_line_error_that_keeps_the_trained_adapter(tmp_path):
+    run = small_run(tmp_path)
+    train_adapter(config(run))
+    before = (run / "adapter/model.safetensors").read_bytes()
+    with pytest.raises(OvmlError, match="embed-text --local"):
+        train_adapter(config(run, local=True))
+    assert (run / "adapter/model.safetensors").read_bytes() == before
+
+
+def test_an_adapter_trained_without_local_records_no_local_setting(tmp_path):
+    """So adapters trained before --local existed keep their fingerprint and are not retrained."""
+    run = small_run(tmp_path)
+    train_adapter(config(run))
+    params = json.loads((run / "manifest.json").read_text())["stages"]["train_adapter"]["params"]
+    assert not {"local", "local_pooling", "local_top_k"} & set(params)
