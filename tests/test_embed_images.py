@@ -10,7 +10,6 @@ import helpers
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from ovml.cli import app
