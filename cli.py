@@ -220,8 +220,8 @@ def train_adapter(
                                                "patches (embed-images --local) in the adapter+local row.")] = None,
     local_pooling: Annotated[str | None, typer.Option(help="How the local head pools a label's token scores: "
                                                       "softmax (softmax-weighted mean) or top-k (mean of the k "
-                                                      "best). \\[default: softmax]")] = None,
-    local_top_k: Annotated[int | None, typer.Option(help="k of --local-pooling top-k. \\[default: 2]")] = None,
+                                                      "best). \\[default: top-k]")] = None,
+    local_top_k: Annotated[int | None, typer.Option(help="k of --local-pooling top-k. \\[default: 4]")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""

@@ -45,7 +45,7 @@ class AdapterConfig:
     head: Literal["cosine", "magnitude"] = "cosine"
     scale: float = 20.0
     local_pooling: Literal["softmax", "top-k"] | None = None  # None: no local head (train-adapter without --local)
-    local_top_k: int = 2  # top-k pooling: a label's local score is the mean of its k best tokens or patches
+    local_top_k: int = 4  # top-k pooling: a label's local score is the mean of its k best tokens or patches
     architecture: str = ARCHITECTURE
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained: noise, loss, seed, best epoch...
     ovml_version: str = ""

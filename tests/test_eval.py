@@ -371,7 +371,7 @@ def test_an_adapter_with_a_local_head_scores_patches_with_it_at_full_weight(loca
     model = build_adapter(local_run, tiny_clip, local_pooling="softmax")
     run_eval(local_run, tiny_clip, dataset="folder", save_scores="all", local_weight=1.0)
     report = json.loads((local_run / "eval/folder/report.json").read_text())
-    assert report["local"] | {"weight": 1.0} == {"weight": 1.0, "top_k": 2, "patches": 16, "pooling": "softmax",
+    assert report["local"] | {"weight": 1.0} == {"weight": 1.0, "top_k": 4, "patches": 16, "pooling": "softmax",
                                                   "local_head": True}
     patches = torch.from_numpy(read_patches(local_run / "images/folder").astype(np.float32))
     label_emb = torch.from_numpy(label_embeddings(load_clip(tiny_clip, "cpu"), report["protocols"]["all"]["labels"],

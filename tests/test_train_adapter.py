@@ -273,7 +273,7 @@ def test_local_trains_a_head_that_finds_a_captions_labels_among_its_words_where_
     run = local_run(tmp_path)
     train_adapter(config(run, local=True, epochs=30, patience=30, lr=1e-2))
     model, adapter_config = load_adapter(run / "adapter", CLIP, 16)
-    assert adapter_config.local_pooling == "softmax"
+    assert adapter_config.local_pooling == "top-k"
     untrained = Adapter(adapter_config).eval()
     assert local_head_map(run, model) > local_head_map(run, untrained) + 0.3
 
