@@ -93,6 +93,10 @@ class Adapter(torch.nn.Module):
         """The local head's adapted token (or patch) features, [..., d]."""
         return self._adapted(tokens, self.local_mlp)
 
+    def patch_logits(self, patches: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
+        """[n, labels] from an image's patch features [n, patches, d], through the local head."""
+        return self.local_logits(self.local_features(patches), label_emb)
+
     def local_logits(self, h: torch.Tensor, label_emb: torch.Tensor, mask: torch.Tensor | None = None
                      ) -> torch.Tensor:
         """[n, labels] from local features [n, tokens, d], pooled over tokens; `mask` [n, tokens] marks real ones."""
@@ -131,7 +135,12 @@ def _residual_mlp(config: AdapterConfig) -> torch.nn.Sequential:
 
 
 POOLINGS = ("softmax", "top-k")
-LOCAL_WEIGHT = 0.25  # global and local scores fused as (1 - w) * global + w * local (eval's +local rows, predict)
+LOCAL_WEIGHT = 0.25  # eval's +local rows and predict --local: fuse_local's default weight
+
+
+def fuse_local(global_scores, local_scores, weight: float = LOCAL_WEIGHT):
+    """(1 - w) * global + w * local: the one fusion rule of eval's +local rows and predict --local."""
+    return (1 - weight) * global_scores + weight * local_scores
 
 
 def pool_tokens(z: torch.Tensor, mask: torch.Tensor | None, pooling: str, top_k: int) -> torch.Tensor:

@@ -75,19 +75,18 @@ class TokenFeatures:
         return out, mask
 
 
-def check_token_features(text_emb_dir: str | Path) -> None:
-    """A one-line error unless every text_emb part holds token features (embed-text --local)."""
+def check_token_features(text_emb_dir: str | Path) -> list[pq.ParquetFile]:
+    """The text_emb parts, opened; a one-line error unless every one holds token features (embed-text --local)."""
     files = [_open_part(p) for p in text_embedding_parts(Path(text_emb_dir))]
     if not files or any(TOKENS not in f.schema_arrow.names for f in files):
         raise OvmlError(f"{text_emb_dir} has no caption token features; re-run `ovml embed-text --local` first")
+    return files
 
 
 def read_token_features(text_emb_dir: str | Path) -> TokenFeatures:
     """The `tokens` column of every part, in part order (rows line up with `read_text_embeddings`)."""
-    check_token_features(text_emb_dir)
-    files = [_open_part(p) for p in text_embedding_parts(Path(text_emb_dir))]
     lengths, values = [], []
-    for f in files:
+    for f in check_token_features(text_emb_dir):
         column = f.read(columns=[TOKENS]).column(TOKENS).combine_chunks()
         lengths.append(pc.list_value_length(column).to_numpy(zero_copy_only=False))
         values.append(column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(

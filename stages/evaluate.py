@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline import atomic
-from ovml.pipeline.adapter import LOCAL_WEIGHT, Adapter, AdapterConfig, load_adapter, pool_tokens
+from ovml.pipeline.adapter import LOCAL_WEIGHT, Adapter, AdapterConfig, fuse_local, load_adapter, pool_tokens
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
@@ -219,7 +219,7 @@ def _patch_pooling(adapter: Adapter, top_k: int) -> dict[str, Callable[[torch.Te
     if config.local_pooling is not None:
         def zero_shot(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return pool_tokens(config.scale * p @ w.T, None, config.local_pooling, config.local_top_k) / config.scale
-        return {"adapter": lambda p, w: adapter.local_logits(adapter.local_features(p), w), "zero-shot": zero_shot}
+        return {"adapter": adapter.patch_logits, "zero-shot": zero_shot}
     return {"adapter": lambda p, w: pool_tokens(adapter(p, w), None, "top-k", top_k),
             "zero-shot": lambda p, w: pool_tokens(p @ w.T, None, "top-k", top_k)}
 
@@ -253,7 +253,7 @@ class LocalScorer:
             batch = torch.from_numpy(np.asarray(self.patches[cached[start:start + IMAGES_PER_PATCH_BATCH]],
                                                 dtype=np.float32))
             local[start:start + len(batch)] = self.patch_scores(batch, label_emb).float().numpy()
-        return (1 - self.weight) * global_scores + self.weight * local
+        return fuse_local(global_scores, local, self.weight)
 
     def of_images(self, rows: np.ndarray) -> LocalScorer:
         return LocalScorer(self.global_scorer.of_images(rows), self.patches, self.patch_rows[rows], self.patch_scores,

@@ -3,7 +3,7 @@
 Not a pipeline stage: it reads the adapter and caches label embeddings in the run dir, but writes no
 artifact of its own. Adapter scores are sigmoid(logit) (the adapter is trained as a multi-label
 classifier); zero-shot scores are the cosine of image and label embeddings. With --local, the adapter's logit
-is fused with its local head's pooled patch logit as in eval's adapter+local row (LOCAL_WEIGHT).
+is fused with its local head's pooled patch logit as in eval's adapter+local row (`fuse_local`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ovml.pipeline.adapter import LOCAL_WEIGHT, load_adapter
+from ovml.pipeline.adapter import fuse_local, load_adapter
 from ovml.pipeline.artifacts import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_CACHE
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
@@ -75,8 +75,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
         method = "adapter"
         if cfg.local:
             with torch.inference_mode():
-                local = adapter.local_logits(adapter.local_features(patches), torch.from_numpy(label_emb))
-            logits, method = (1 - LOCAL_WEIGHT) * logits + LOCAL_WEIGHT * local, "adapter+local"
+                local = adapter.patch_logits(patches, torch.from_numpy(label_emb))
+            logits, method = fuse_local(logits, local), "adapter+local"
         scores = torch.sigmoid(logits).numpy()
     best = np.argsort(-scores, axis=1, kind="stable")[:, :cfg.top_k]  # ties -> the label listed first
     return [

@@ -141,7 +141,7 @@ def _check_clip_matches_embeddings(run_dir: RunDir, clip: str) -> None:
                         f"pass --clip {made_with} (or re-run embed-text with --clip {clip})")
 
 
-def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool = False) -> TrainingData:
+def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool) -> TrainingData:
     """Captions' verified labels as targets, joined to their text embeddings by caption_id (no copy of them)."""
     vocabulary = read_vocabulary_json(run_dir / VOCABULARY)
     labels = atomic.read_parquet(run_dir / TRAIN_LABELS, f"ovml embed-text --force --run-dir {run_dir.path}",
@@ -220,11 +220,12 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
             model.train()
             total = 0.0
             for batch in train[torch.randperm(len(train), generator=shuffle_rng)].split(cfg.batch_size):
-                x = perturb(x_all[rows[batch.to(device)]].float(), cfg.noise, cfg.renorm, noise_rng)
+                batch_rows = rows[batch.to(device)]
+                x = perturb(x_all[batch_rows].float(), cfg.noise, cfg.renorm, noise_rng)
                 y = torch.from_numpy(data.targets.dense(batch.numpy())).to(device)  # bool: 1 byte per entry
                 loss = loss_fn(model(x, label_emb), y)
                 if data.tokens is not None:  # the local head, on the same captions' word tokens
-                    words, real = data.tokens.padded(rows[batch.to(device)].cpu().numpy())
+                    words, real = data.tokens.padded(batch_rows.cpu().numpy())
                     words = perturb(torch.from_numpy(words).to(device).float(), cfg.noise, cfg.renorm, noise_rng)
                     loss = loss + loss_fn(model.local_logits(model.local_features(words), label_emb,
                                                              torch.from_numpy(real).to(device)), y)
