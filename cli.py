@@ -33,7 +33,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML fil
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run directory holding every artifact. \\[default: runs/default]")]
 ClipOpt = Annotated[str | None, typer.Option(
     "--clip", help="CLIP model as ARCH:PRETRAINED, e.g. ViT-B-16:openai, ViT-B-16:/path/ckpt.safetensors or "
-    "ARCH:random (random weights, for tests and benchmarks). \\[default: ViT-B-16:openai]")]
+    "ARCH:random (random weights, for tests and benchmarks). A run directory keeps the CLIP its first embedding "
+    "stage used; later commands use it and refuse another. \\[default: the run directory's, else ViT-B-16:openai]")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto. \\[default: auto]")]
 ForceOpt = Annotated[bool | None, typer.Option("--force", help="Run even if inputs and params are unchanged.")]
 EngineOpt = Annotated[str | None, typer.Option(help="local (this process) or ray (an actor pool on a Ray cluster); "

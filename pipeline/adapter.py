@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.rundir import check_same_clip
 
 ARCHITECTURE = "residual-mlp"
 WEIGHTS = Path(ADAPTER_WEIGHTS).name
@@ -187,9 +188,7 @@ def load_adapter(adapter_dir: str | Path, clip_spec: str, dim: int) -> tuple[Ada
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise OvmlError(f"{adapter_dir / CONFIG} is not an ovml adapter config; retrain with "
                         "`ovml train-adapter --force`") from None
-    if config.clip != clip_spec:
-        raise OvmlError(f"the adapter in {adapter_dir} was trained on '{config.clip}' embeddings, not "
-                        f"'{clip_spec}'; pass --clip {config.clip} or retrain it with --clip {clip_spec}")
+    check_same_clip(config.clip, clip_spec, adapter_dir)
     if config.dim != dim:
         raise OvmlError(f"the adapter in {adapter_dir} expects {config.dim}-d embeddings, got {dim}-d; "
                         f"use the CLIP model it was trained on ('{config.clip}')")

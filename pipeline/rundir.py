@@ -38,6 +38,7 @@ from ovml.pipeline.errors import OvmlError, RunDirLocked
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".staging"
+DEFAULT_CLIP = "ViT-B-16:openai"  # the CLIP of a run directory that has not embedded anything yet
 
 
 @dataclass
@@ -85,9 +86,32 @@ class RunDir:
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         return self.manifest()["stages"].get(stage)
 
+    def recorded_clip(self) -> str | None:
+        """The CLIP model the run directory's embeddings were made with: recorded by the first stage that
+        used one (run directories from before that rule: the model of any finished stage that used one)."""
+        manifest = self.manifest()
+        if isinstance(manifest.get("clip"), str):
+            return manifest["clip"]
+        used = sorted({record["params"]["clip"] for record in manifest["stages"].values()
+                       if isinstance(record, dict) and isinstance(record.get("params"), dict)
+                       and isinstance(record["params"].get("clip"), str)})
+        return used[0] if len(used) == 1 else None
+
+    def clip(self, requested: str | None) -> str:
+        """The CLIP model a command works with: the run directory's own unless --clip names it, in which
+        case it must be the same one (embeddings of two models cannot be mixed); the default in a new one."""
+        recorded = self.recorded_clip()
+        if requested is None:
+            return recorded or DEFAULT_CLIP
+        check_same_clip(recorded, requested, self.path)
+        return requested
+
     def _put_record(self, stage: str, record: dict[str, Any]) -> None:
         manifest = self.manifest()
         manifest["stages"][stage] = record
+        clip = (record.get("models") or {}).get("clip")
+        if clip and "clip" not in manifest:
+            manifest["clip"] = clip
         manifest["updated"] = _now()
         atomic.write_json(self.path / MANIFEST, manifest)
 
@@ -113,6 +137,13 @@ class RunDir:
                 f"{path} is missing; run `ovml {produced_by.replace('_', '-')} --run-dir {self.path}` first"
             )
         return path
+
+
+def check_same_clip(made_with: str | None, clip: str, what: Path) -> None:
+    """The one check that an artifact (a run directory, an adapter, an image cache) belongs to `clip`."""
+    if made_with is not None and made_with != clip:
+        raise OvmlError(f"{what} was made with CLIP '{made_with}', not '{clip}'; leave out --clip to use "
+                        f"'{made_with}', or use another --run-dir for '{clip}'")
 
 
 def files_under(root: Path, rels: list[str]) -> list[Path]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +43,7 @@ CHUNK_COLUMNS = ["row", "error", "embedding"]  # chunks/chunk-<first row>.parque
 @dataclass
 class EmbedImagesConfig:
     run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str = "ViT-B-16:openai"
+    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
     device: str = not_fingerprinted("auto")
     dataset: str = "folder"  # a name in pipeline/datasets.py DATASETS
     root: str = ""
@@ -71,6 +71,7 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
     run_dir = RunDir(cfg.run_dir)
+    cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
     if cfg.local_store not in PATCH_STORES:

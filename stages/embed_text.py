@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +29,7 @@ TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a 
 @dataclass
 class EmbedTextConfig:
     run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str = "ViT-B-16:openai"
+    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
     device: str = not_fingerprinted("auto")
     batch_size: int = 256
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -45,6 +45,7 @@ class EmbedTextConfig:
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     """One text_emb part per captions part (same name), then the training vocabulary's label embeddings."""
     run_dir = RunDir(cfg.run_dir)
+    cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     captions_dir = run_dir.require(CAPTIONS, produced_by="generate_text")
     parts = caption_parts(run_dir.path)
     if not parts:

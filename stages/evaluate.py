@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +48,7 @@ from ovml.pipeline.metrics import (
     top_k_mask,
 )
 from ovml.pipeline.report import eval_markdown, plot_ap_scatter, plot_pr_curves
-from ovml.pipeline.rundir import RunDir, StageOutcome, files_under, run_stage
+from ovml.pipeline.rundir import RunDir, StageOutcome, check_same_clip, files_under, run_stage
 
 IMAGES_PER_CHUNK = 4096  # scores of [chunk, labels] at a time: 124 MB at 7,586 labels
 LABELS_PER_BLOCK = 256  # scores of [images, block] at a time for AP: 128 MB at 125,000 images
@@ -58,7 +58,7 @@ TOP_SCORES = 50  # labels per image and method that scores.parquet keeps unless 
 @dataclass
 class EvalConfig:
     run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str = "ViT-B-16:openai"
+    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
     device: str = not_fingerprinted("auto")
     dataset: str = "folder"
     save_scores: Literal["top", "all"] = "top"
@@ -77,6 +77,7 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
         raise OvmlError(f"--local-weight must be in [0, 1] and --local-top-k at least 1, got {cfg.local_weight} "
                         f"and {cfg.local_top_k}")
     run_dir = RunDir(cfg.run_dir)
+    cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     cache = image_cache(cfg.dataset)
     if not (run_dir / cache / "dataset.json").is_file():
         raise OvmlError(f"{run_dir / cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} "
@@ -85,10 +86,7 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     if not info.get("images"):
         raise OvmlError(f"{run_dir / cache} holds no image (all {info.get('failures', 0)} failed to read or the "
                         f"dataset lists none); fix the images under --root and re-run `ovml embed-images --force`")
-    embedded_with = info["clip"]
-    if embedded_with != cfg.clip:
-        raise OvmlError(f"{run_dir / cache} was embedded with '{embedded_with}', not '{cfg.clip}'; pass --clip "
-                        f"{embedded_with} or re-run embed-images with --clip {cfg.clip}")
+    check_same_clip(info["clip"], cfg.clip, run_dir / cache)
     run_dir.require(ADAPTER, produced_by="train_adapter")
     output = eval_dir(cfg.dataset)
     return run_stage(

@@ -31,7 +31,7 @@ import statistics
 import string
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -94,7 +94,7 @@ class GenerateTextConfig:
     shard_index: int = 0
     part_size: int = not_fingerprinted(64)
     max_rounds: int = not_fingerprinted(20)
-    clip: str = "ViT-B-16:openai"
+    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
     device: str = not_fingerprinted("auto")
     engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same parts either way
     ray_address: str = not_fingerprinted("auto")
@@ -113,6 +113,8 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
     _check(cfg)
     vocabulary = load_vocabulary(cfg.labels, cfg.dataset_root)
     run_dir = RunDir(cfg.run_dir)
+    if cfg.sampling == "similar":  # the only sampler that embeds
+        cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     params = as_params(cfg)
     params["prompts_sha256"] = hashlib.sha256(read_prompt_file(PROMPTS_FILE).encode()).hexdigest()
     inputs = list(vocabulary.sources)

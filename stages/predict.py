@@ -8,7 +8,7 @@ is fused with its local head's pooled patch logit as in eval's adapter+local row
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ IMAGE_BATCH = 32
 @dataclass
 class PredictConfig:
     run_dir: Path = Path("runs/default")
-    clip: str = "ViT-B-16:openai"
+    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
     device: str = "auto"
     images: list[str] = field(default_factory=list)
     labels: str | None = None
@@ -50,6 +50,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
         raise OvmlError("--local uses the adapter's local head; drop --zero-shot (or --local)")
     images = [_open(path) for path in cfg.images]
     run_dir = RunDir(cfg.run_dir)
+    cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     if not cfg.zero_shot:
         run_dir.require(ADAPTER, produced_by="train_adapter")
         run_dir.verified_hashes([p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()])

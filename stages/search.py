@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import flat_index, ivf_index, load_index, read_index, save_index
 from ovml.pipeline.label_embeddings import label_embeddings
-from ovml.pipeline.rundir import RunDir
+from ovml.pipeline.rundir import RunDir, check_same_clip
 
 INDEX_KINDS = ("flat", "ivf")
 
@@ -36,7 +36,7 @@ INDEX_KINDS = ("flat", "ivf")
 @dataclass
 class SearchConfig:
     run_dir: Path = Path("runs/default")
-    clip: str = "ViT-B-16:openai"
+    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
     device: str = "auto"
     query: str = ""
     dataset: str = "folder"
@@ -56,13 +56,12 @@ def search(cfg: SearchConfig) -> dict:
     if cfg.index not in INDEX_KINDS:
         raise OvmlError(f"--index must be one of {', '.join(INDEX_KINDS)}, got '{cfg.index}'")
     run_dir = RunDir(cfg.run_dir)
+    cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     cache = run_dir / image_cache(cfg.dataset)
     if not (cache / "index.faiss").is_file():
         raise OvmlError(f"{cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} --root DIR "
                         f"--run-dir {run_dir.path}` first")
-    embedded_with = json.loads((cache / "dataset.json").read_text(encoding="utf-8"))["clip"]
-    if embedded_with != cfg.clip:
-        raise OvmlError(f"{cache} was embedded with '{embedded_with}', not '{cfg.clip}'; pass --clip {embedded_with}")
+    check_same_clip(json.loads((cache / "dataset.json").read_text(encoding="utf-8"))["clip"], cfg.clip, cache)
     if not cfg.zero_shot:
         run_dir.require(ADAPTER, produced_by="train_adapter")
     encoder = load_clip(cfg.clip, cfg.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -46,7 +46,7 @@ TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("v
 @dataclass
 class TrainAdapterConfig:
     run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str = "ViT-B-16:openai"
+    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
     device: str = not_fingerprinted("auto")
     noise: float = 0.04
     renorm: bool = False
@@ -87,10 +87,10 @@ class TrainingData:
 def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
     _check(cfg)
     run_dir = RunDir(cfg.run_dir)
+    cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     run_dir.require(VOCABULARY, produced_by="generate_text")
     run_dir.require(TEXT_EMB, produced_by="embed_text")
     run_dir.require(TRAIN_LABELS, produced_by="embed_text")
-    _check_clip_matches_embeddings(run_dir, cfg.clip)
     if cfg.local:
         check_token_features(run_dir / TEXT_EMB)
     params = as_params(cfg)
@@ -131,14 +131,6 @@ def _check(cfg: TrainAdapterConfig) -> None:
     if cfg.local_pooling not in POOLINGS or cfg.local_top_k < 1:
         raise OvmlError(f"--local-pooling must be one of {', '.join(POOLINGS)} and --local-top-k at least 1, got "
                         f"'{cfg.local_pooling}' and {cfg.local_top_k}")
-
-
-def _check_clip_matches_embeddings(run_dir: RunDir, clip: str) -> None:
-    """An adapter records the CLIP spec it was trained for, so that spec must be the one that made text_emb/."""
-    made_with = ((run_dir.stage_record("embed_text") or {}).get("params") or {}).get("clip")
-    if made_with is not None and made_with != clip:
-        raise OvmlError(f"text_emb/ in {run_dir.path} was embedded with '{made_with}', not '{clip}'; "
-                        f"pass --clip {made_with} (or re-run embed-text with --clip {clip})")
 
 
 def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool) -> TrainingData:

@@ -76,7 +76,7 @@ def test_saved_adapter_loads_in_eval_mode_with_identical_logits(tmp_path):
 def test_loading_with_another_clip_model_is_a_one_line_error(tmp_path):
     model = adapter(clip="ViT-B-16:openai", hidden=32)
     save_adapter(tmp_path, model)
-    with pytest.raises(OvmlError, match="trained on 'ViT-B-16:openai'") as e:
+    with pytest.raises(OvmlError, match="made with CLIP 'ViT-B-16:openai', not 'ViT-B-32:openai'") as e:
         load_adapter(tmp_path, "ViT-B-32:openai", DIM)
     assert "\n" not in str(e.value)
 

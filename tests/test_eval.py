@@ -286,7 +286,7 @@ def test_unknown_dataset_is_named(tmp_path, tiny_clip):
 
 def test_cache_embedded_with_another_clip_is_refused(nuswide_run, tiny_clip):
     run_dir, _ = nuswide_run
-    with pytest.raises(OvmlError, match=f"embedded with '{tiny_clip}', not 'ovml-tiny:random'"):
+    with pytest.raises(OvmlError, match=f"made with CLIP '{tiny_clip}', not 'ovml-tiny:random'"):
         run_eval(run_dir, "ovml-tiny:random")
 
 

@@ -182,7 +182,7 @@ def test_captions_without_an_embedding_are_a_one_line_error(tmp_path):
 def test_a_clip_spec_other_than_the_one_that_embedded_the_captions_is_refused(tmp_path):
     run = small_run(tmp_path)
     (run / "manifest.json").write_text(json.dumps({"stages": {"embed_text": {"params": {"clip": "ViT-B-32:openai"}}}}))
-    with pytest.raises(OvmlError, match="pass --clip ViT-B-32:openai"):
+    with pytest.raises(OvmlError, match="made with CLIP 'ViT-B-32:openai', not"):
         train_adapter(config(run))
 
 
