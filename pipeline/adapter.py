@@ -21,6 +21,7 @@ from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.rundir import check_same_clip
+from ovml.pipeline.settings import LOCAL_WEIGHT
 
 ARCHITECTURE = "residual-mlp"
 WEIGHTS = Path(ADAPTER_WEIGHTS).name
@@ -136,7 +137,6 @@ def _residual_mlp(config: AdapterConfig) -> torch.nn.Sequential:
 
 
 POOLINGS = ("softmax", "top-k")
-LOCAL_WEIGHT = 0.25  # eval's +local rows and predict --local: fuse_local's default weight
 
 
 def fuse_local(global_scores, local_scores, weight: float = LOCAL_WEIGHT):

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.settings import STAGES
 
 SHARED_KEYS = ("run_dir", "clip", "seed", "device", "engine", "ray_address")
-SECTIONS = ("generate_text", "embed_text", "train_adapter", "embed_images", "eval", "predict", "search", "run",
-            "train_testbed")
+SECTIONS = tuple(stage.section for stage in STAGES)
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:
@@ -124,21 +124,3 @@ def _describe(hint: Any) -> str:
         return "unset"
     return {dict: "a table", bool: "true or false", int: "an integer", float: "a number", str: "a string",
             Path: "a path"}[hint]
-
-
-def not_fingerprinted(default: Any) -> Any:
-    """A setting that changes how a stage runs (where, how fast, whether forced), never what it makes.
-
-    Changing it must not invalidate finished work, so it is left out of the stage's fingerprint.
-    """
-    return dataclasses.field(default=default, metadata={"fingerprint": False})
-
-
-def as_params(cfg) -> dict[str, Any]:
-    """The fingerprinted settings as plain JSON-able values, for the manifest and fingerprints."""
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-            if f.metadata.get("fingerprint", True)}
-
-
-def _plain(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.settings import FASHION_MNIST_ROOT
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 # The ten classes in the order of the IDX label ids, named as a label file names them (examples/fashion_labels.txt),
 # so that an adapter trained on those labels and the dataset agree on which labels are unseen.
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",

@@ -34,11 +34,11 @@ from typing import Any
 
 from ovml.pipeline import atomic
 from ovml.pipeline.errors import OvmlError, RunDirLocked
+from ovml.pipeline.settings import DEFAULT_CLIP
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".staging"
-DEFAULT_CLIP = "ViT-B-16:openai"  # the CLIP of a run directory that has not embedded anything yet
 
 
 @dataclass

@@ -22,7 +22,6 @@ import math
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,41 +30,17 @@ import torch
 from PIL import Image
 
 from ovml.pipeline.clip import CausalTextTower, checkpoint_metadata, save_checkpoint
-from ovml.pipeline.config import as_params, not_fingerprinted
-from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, read_fashion_mnist_split
+from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist_split
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.rundir import StageOutcome
+from ovml.pipeline.settings import TestbedConfig, as_params
 from ovml.prompts import read_prompt_file
 
-TESTBED_ARCH = "ovml-testbed"
 GRAMMAR_FILE = "testbed_grammar.json"
 TRAIN_SPLIT = "train"
 DESCRIPTION = ("the ovml testbed model: a small CLIP trained here on Fashion-MNIST; its numbers are not "
                "comparable with published CLIP results")
-
-
-@dataclass
-class TestbedConfig:
-    """The recipe (every fingerprinted field) is saved in the checkpoint's metadata; `out` holding the same
-    recipe is reused, so `make demo` trains the model once."""
-
-    __test__ = False  # not a pytest test class
-
-    out: Path = not_fingerprinted(Path("runs/testbed/ovml-testbed.safetensors"))
-    root: str = str(FASHION_MNIST_ROOT)
-    arch: str = TESTBED_ARCH
-    mosaic: int = 2
-    single_fraction: float = 0.25  # pictures that are one item, full frame
-    blank_fraction: float = 0.25  # chance that a mosaic cell is left empty (at least one item stays)
-    train_images: int = 55_000  # the first N train images; the rest of train is left for validation
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    seed: int = 0
-    threads: int = 1  # one thread: the same bytes on any machine, and no slowdown when cores are shared
 
 
 class CaptionGrammar:

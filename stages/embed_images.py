@@ -9,9 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +21,6 @@ import torch
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import image_cache
 from ovml.pipeline.clip import load_clip
-from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import Dataset, Record, read_dataset
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import (
@@ -35,28 +33,10 @@ from ovml.pipeline.image_cache import (
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.settings import EmbedImagesConfig, as_params
 from ovml.pipeline.text_embeddings import embedding_matrix
 
 CHUNK_COLUMNS = ["row", "error", "embedding"]  # chunks/chunk-<first row>.parquet; error null <-> embedding set
-
-
-@dataclass
-class EmbedImagesConfig:
-    run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
-    device: str = not_fingerprinted("auto")
-    dataset: str = "folder"  # a name in pipeline/datasets.py DATASETS
-    root: str = ""
-    limit: int | None = None
-    mosaic: int = 2
-    local: bool = False  # also cache per-patch features for local scoring in eval
-    local_store: Literal["float16", "pq"] = "float16"  # patches.npy, or PQ codes 16x smaller (large datasets)
-    batch_size: int = not_fingerprinted(64)
-    workers: int = not_fingerprinted(2)
-    engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same chunks, same cache
-    ray_address: str = not_fingerprinted("auto")
-    ray_actors: int = not_fingerprinted(2)
-    force: bool = not_fingerprinted(False)
 
 
 def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:

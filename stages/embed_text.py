@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,32 +13,16 @@ import pyarrow.parquet as pq
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, TEXT_EMB, TRAIN_LABELS, VOCABULARY, caption_parts
 from ovml.pipeline.clip import autocast_dtype, load_clip, pick_device
-from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.settings import EmbedTextConfig, as_params
 from ovml.pipeline.text_embeddings import embedding_array, embedding_matrix, text_embedding_parts, write_text_embeddings
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
 TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a resumed run still totals it
-
-
-@dataclass
-class EmbedTextConfig:
-    run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
-    device: str = not_fingerprinted("auto")
-    batch_size: int = 256
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    store_dtype: Literal["float32", "float16"] = "float32"
-    templates: Literal["pool", "single"] = "pool"
-    local: bool = False  # also store each caption's word-token features (float16) for train-adapter --local
-    engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same parts either way
-    ray_address: str = not_fingerprinted("auto")
-    ray_actors: int = not_fingerprinted(2)
-    force: bool = not_fingerprinted(False)
 
 
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:

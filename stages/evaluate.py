@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +29,9 @@ import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline import atomic
-from ovml.pipeline.adapter import LOCAL_WEIGHT, Adapter, AdapterConfig, fuse_local, load_adapter, pool_tokens
+from ovml.pipeline.adapter import Adapter, AdapterConfig, fuse_local, load_adapter, pool_tokens
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
 from ovml.pipeline.clip import load_clip
-from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_dataset_info, read_image_cache, read_patches
@@ -49,22 +48,11 @@ from ovml.pipeline.metrics import (
 )
 from ovml.pipeline.report import eval_markdown, plot_ap_scatter, plot_pr_curves
 from ovml.pipeline.rundir import RunDir, StageOutcome, check_same_clip, files_under, run_stage
+from ovml.pipeline.settings import EvalConfig, as_params
 
 IMAGES_PER_CHUNK = 4096  # scores of [chunk, labels] at a time: 124 MB at 7,586 labels
 LABELS_PER_BLOCK = 256  # scores of [images, block] at a time for AP: 128 MB at 125,000 images
 TOP_SCORES = 50  # labels per image and method that scores.parquet keeps unless --save-scores all
-
-
-@dataclass
-class EvalConfig:
-    run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
-    device: str = not_fingerprinted("auto")
-    dataset: str = "folder"
-    save_scores: Literal["top", "all"] = "top"
-    local_weight: float = LOCAL_WEIGHT  # +local rows: (1 - w) * global score + w * pooled patch score
-    local_top_k: int = 4  # +local rows of an adapter without a local head: the mean of a label's k best patches
-    force: bool = not_fingerprinted(False)
 
 
 def evaluate(cfg: EvalConfig) -> StageOutcome:

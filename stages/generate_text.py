@@ -33,7 +33,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -42,12 +41,12 @@ from rich.progress import TextColumn
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, VOCABULARY, caption_parts, part_name
-from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import check_engine, ray_chat, ray_session
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.settings import GenerateTextConfig, as_params
 from ovml.pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
 from ovml.prompts import read_prompt_file
 
@@ -69,37 +68,6 @@ CAPTION_SCHEMA = pa.schema([
     ("model", pa.string()),
     ("seed", pa.int64()),
 ])
-
-
-@dataclass
-class GenerateTextConfig:
-    run_dir: Path = not_fingerprinted(Path("runs/default"))
-    labels: str = ""
-    dataset_root: str | None = None
-    per_label: int = 20
-    min_labels: int = 1
-    max_labels: int = 4
-    sampling: Literal["uniform", "similar", "cooccurrence"] = "uniform"
-    cooccurrence: str | None = None
-    backend: Literal["llama-cpp", "openai", "vllm"] = "llama-cpp"
-    model: str | None = None
-    base_url: str | None = not_fingerprinted(None)
-    extra_body: dict | None = None  # server-specific sampling options for --backend openai (config file only)
-    concurrency: int = not_fingerprinted(4)
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_tokens: int = 96
-    seed: int = 0
-    num_shards: int = 1
-    shard_index: int = 0
-    part_size: int = not_fingerprinted(64)
-    max_rounds: int = not_fingerprinted(20)
-    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
-    device: str = not_fingerprinted("auto")
-    engine: Literal["local", "ray"] = not_fingerprinted("local")  # local or ray: same parts either way
-    ray_address: str = not_fingerprinted("auto")
-    ray_actors: int = not_fingerprinted(2)
-    force: bool = not_fingerprinted(False)
 
 
 @dataclass(frozen=True)

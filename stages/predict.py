@@ -8,7 +8,7 @@ is fused with its local head's pooled patch logit as in eval's adapter+local row
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +21,10 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.rundir import RunDir
+from ovml.pipeline.settings import PredictConfig
 from ovml.pipeline.vocabulary import load_vocabulary
 
 IMAGE_BATCH = 32
-
-
-@dataclass
-class PredictConfig:
-    run_dir: Path = Path("runs/default")
-    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
-    device: str = "auto"
-    images: list[str] = field(default_factory=list)
-    labels: str | None = None
-    labels_file: str | None = None
-    top_k: int = 5
-    zero_shot: bool = False
-    local: bool = False  # fuse in the adapter's local head on the image patches (train-adapter --local)
 
 
 def predict(cfg: PredictConfig) -> list[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -21,26 +20,10 @@ from ovml.pipeline.errors import EXIT_OK, EXIT_STAGE_FAILED, OvmlError, environm
 from ovml.pipeline.logs import open_log
 from ovml.pipeline.report import eval_tables
 from ovml.pipeline.rundir import lock_run_dir
-from ovml.stages.embed_images import EmbedImagesConfig, embed_images
-from ovml.stages.embed_text import EmbedTextConfig, embed_text
-from ovml.stages.evaluate import EvalConfig, evaluate
-from ovml.stages.generate_text import GenerateTextConfig, generate_text
-from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
+from ovml.pipeline.settings import STAGES, RunConfig
 
-PIPELINE = [
-    ("generate_text", GenerateTextConfig, generate_text),
-    ("embed_text", EmbedTextConfig, embed_text),
-    ("train_adapter", TrainAdapterConfig, train_adapter),
-    ("embed_images", EmbedImagesConfig, embed_images),
-    ("eval", EvalConfig, evaluate),
-]
+PIPELINE = [stage for stage in STAGES if stage.in_run]
 NEEDS_SECTION = {"embed_images", "eval"}  # without a dataset there is nothing to embed or evaluate
-
-
-@dataclass
-class RunConfig:
-    run_dir: Path = Path("runs/default")
-    json: bool = False
 
 
 def run(cfg: RunConfig, config_path: Path | None) -> int:
@@ -48,7 +31,8 @@ def run(cfg: RunConfig, config_path: Path | None) -> int:
     file_data = read_config_file(config_path)
     source = str(config_path or "config")
     plan = []
-    for section, config_cls, entry in PIPELINE:
+    for stage in PIPELINE:
+        section, config_cls, entry = stage.section, stage.config, stage.load()
         if section in NEEDS_SECTION and section not in file_data:
             plan.append((section, None, entry))
             continue

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Literal
+from dataclasses import replace
 
 import faiss
 import pyarrow.parquet as pq
@@ -29,21 +27,9 @@ from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import flat_index, ivf_index, load_index, read_index, save_index
 from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.rundir import RunDir, check_same_clip
+from ovml.pipeline.settings import SearchConfig
 
 INDEX_KINDS = ("flat", "ivf")
-
-
-@dataclass
-class SearchConfig:
-    run_dir: Path = Path("runs/default")
-    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
-    device: str = "auto"
-    query: str = ""
-    dataset: str = "folder"
-    top: int = 10
-    zero_shot: bool = False
-    index: Literal["flat", "ivf"] = "flat"
-    nprobe: int = 32
 
 
 def search(cfg: SearchConfig) -> dict:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -18,13 +18,13 @@ import torch
 from ovml.pipeline import atomic, losses
 from ovml.pipeline.adapter import POOLINGS, Adapter, AdapterConfig, perturb, save_adapter
 from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY, caption_parts
-from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.device import pick_device, return_freed_memory
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_sets import LabelSets
 from ovml.pipeline.metrics import average_precision, column_blocks, mean_average_precision
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.settings import TrainAdapterConfig, as_params
 from ovml.pipeline.text_embeddings import (
     STORE_DTYPES,
     TokenFeatures,
@@ -36,39 +36,13 @@ from ovml.pipeline.text_embeddings import (
 )
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
+# Settings the AdapterConfig holds as fields of its own; every other fingerprinted one goes into its `training`.
+MODEL_SETTINGS = {*(f.name for f in dataclasses.fields(AdapterConfig)), "local"}
 LOSSES = {"asl": losses.asl, "bce": losses.bce, "rank": losses.rank}
 VAL_LABELS_PER_BLOCK = 64  # AP's working set is a few [held-out captions, block] arrays: 26 MB each at 100k
 VAL_CAPTIONS_PER_CHUNK = 8192
 TRAIN_LOG_SCHEMA = pa.schema([("epoch", pa.int64()), ("loss", pa.float64()), ("val_mAP", pa.float64()),
                               ("val_mAP_local", pa.float64()), ("lr", pa.float64()), ("seconds", pa.float64())])
-
-
-@dataclass
-class TrainAdapterConfig:
-    run_dir: Path = not_fingerprinted(Path("runs/default"))
-    clip: str | None = None  # None: the run directory's CLIP (RunDir.clip)
-    device: str = not_fingerprinted("auto")
-    noise: float = 0.04
-    renorm: bool = False
-    head: Literal["cosine", "magnitude"] = "cosine"
-    loss: Literal["asl", "bce", "rank"] = "asl"
-    hidden: int = 512
-    dropout: float = 0.1
-    alpha: float = 0.5
-    scale: float = 20.0
-    epochs: int = 10
-    batch_size: int = 512
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    val_fraction: float = 0.1
-    patience: int = 3
-    seed: int = 0
-    store_dtype: Literal["float32", "float16"] = "float32"
-    local: bool = False  # also train a local head on the captions' word tokens (needs embed-text --local)
-    local_pooling: Literal["softmax", "top-k"] = "top-k"  # top-k 4 beat softmax on the testbed (docs/accuracy.md)
-    local_top_k: int = 4
-    force: bool = not_fingerprinted(False)
 
 
 @dataclass
@@ -102,7 +76,7 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
 
     def body(out: Path, resume: bool) -> dict:
         return_freed_memory()
-        return _train(cfg, out, _read_training_data(run_dir, cfg.store_dtype, cfg.local))
+        return _train(cfg, params, out, _read_training_data(run_dir, cfg.store_dtype, cfg.local))
 
     return run_stage(run_dir, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
                      force=cfg.force, models={"clip": cfg.clip})
@@ -149,7 +123,7 @@ def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool) -> Train
                                                     columns=["caption_id", "labels"]) for p in parts)
     targets = _targets(captions.column("labels"), vocabulary)
     caption_ids = captions.column("caption_id")
-    del captions  # the label lists, before the embedding matrix arrives: ~0.2 GB at 1M captions
+    del captions  # the label lists go before the embedding matrix arrives (sizes: docs/benchmarks.md)
     text_ids, text_emb = read_text_embeddings(run_dir / TEXT_EMB, store_dtype)
     row = pc.index_in(caption_ids, value_set=text_ids.combine_chunks())
     del caption_ids, text_ids
@@ -174,7 +148,7 @@ def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> LabelSets:
     return targets
 
 
-def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
+def _train(cfg: TrainAdapterConfig, params: dict, out: Path, data: TrainingData) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     order = np.random.default_rng(cfg.seed).permutation(len(data.rows))
@@ -188,11 +162,7 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
         dim=int(x_all.shape[1]), clip=cfg.clip, vocabulary=data.vocabulary, label_templates=data.label_templates,
         hidden=cfg.hidden, dropout=cfg.dropout, alpha=cfg.alpha, head=cfg.head, scale=cfg.scale,
         local_pooling=cfg.local_pooling if data.tokens is not None else None, local_top_k=cfg.local_top_k,
-        training={"noise": cfg.noise, "renorm": cfg.renorm, "loss": cfg.loss, "seed": cfg.seed,
-                  "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                  "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs,
-                  "val_fraction": cfg.val_fraction, "patience": cfg.patience, "store_dtype": cfg.store_dtype,
-                  "captions": len(order)},
+        training={**{k: v for k, v in params.items() if k not in MODEL_SETTINGS}, "captions": len(order)},
         ovml_version=metadata.version("ovml"),
     )
     model = Adapter(config).to(device)

@@ -41,3 +41,22 @@ def test_unknown_config_key_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert "unknown key 'nosie' in [train_adapter]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_command_takes_exactly_its_configs_fields_and_shows_their_defaults():
+    import dataclasses
+
+    import typer
+
+    from ovml.cli import app
+    from ovml.pipeline.settings import STAGES
+
+    commands = typer.main.get_command(app).commands
+    for stage in STAGES:
+        params = {p.name: getattr(p, "help", None) or "" for p in commands[stage.command].params}
+        fields = [f for f in dataclasses.fields(stage.config) if f.metadata["cli"]]
+        assert set(params) - {"config", "json_out"} == {f.name for f in fields}, stage.command
+        for f in fields:
+            if f.metadata["shown"] or (f.default not in (None, "", dataclasses.MISSING) and f.type != "bool"):
+                shown = f.metadata["shown"] or f.default
+                assert f"[default: {shown}]" in params[f.name], (stage.command, f.name)

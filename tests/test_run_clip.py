@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from ovml.cli import app
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.rundir import DEFAULT_CLIP, RunDir
+from ovml.pipeline.rundir import RunDir
+from ovml.pipeline.settings import DEFAULT_CLIP
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
 

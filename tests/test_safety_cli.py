@@ -207,8 +207,8 @@ def test_predict_keeps_working_on_the_old_adapter_while_train_adapter_fails_half
     before = artifact_hashes(run)
     real_train = train_stage._train
 
-    def train_then_crash(cfg, out, data):
-        real_train(cfg, out, data)  # the new adapter is complete in staging, not yet swapped in
+    def train_then_crash(*args):
+        real_train(*args)  # the new adapter is complete in staging, not yet swapped in
         during.append(predict(ask))
         raise RuntimeError("killed before the swap")
 
