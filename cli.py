@@ -349,9 +349,6 @@ def search(
                                                 "\\[default: folder]")] = None,
     top: Annotated[int | None, typer.Option(help="Images shown. \\[default: 10]")] = None,
     zero_shot: Annotated[bool | None, typer.Option("--zero-shot", help="Plain CLIP, no adapter.")] = None,
-    local: Annotated[bool | None, typer.Option("--local", help="Fuse in the adapter's local head on the image "
-                                               "patches, as eval's adapter+local row (an adapter trained with "
-                                               "--local; ViT towers).")] = None,
     index: Annotated[str | None, typer.Option(help="flat (exact) or ivf (approximate, for large caches). "
                                               "\\[default: flat]")] = None,
     nprobe: Annotated[int | None, typer.Option(help="IVF cells searched per query (--index ivf). "

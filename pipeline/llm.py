@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.paths import input_file
 
 CAPTION_SCHEMA = {
     "type": "object",
@@ -102,8 +103,7 @@ class LlamaCppBackend:
             raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
                             "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
         path = Path(model) if model else default_gguf()
-        if not path.is_file():
-            raise OvmlError(f"GGUF model {path} does not exist; pass --model PATH to a .gguf file")
+        input_file(path, "GGUF model", "pass --model PATH to a .gguf file")
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise OvmlError(f"{path} is not a GGUF file; pass --model PATH to a .gguf model for llama.cpp")

@@ -26,10 +26,8 @@ UNIT = "unit"  # the column every work item and every actor output row carries
 ERROR = "ovml_error"  # the column of an actor's answer when it met a user error instead
 
 
-def check_engine(engine: str, actors: int) -> None:
-    """Before a stage touches its run directory: a usable pool size, and Ray installed when it is asked for."""
-    if actors < 1:
-        raise OvmlError(f"--ray-actors must be at least 1, got {actors}")
+def check_engine(engine: str) -> None:
+    """Before a stage touches its run directory: Ray installed when it is asked for."""
     if engine == "ray":
         _import_ray()
 

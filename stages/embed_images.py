@@ -35,6 +35,7 @@ from ovml.pipeline.image_cache import (
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
+from ovml.pipeline.settings import check_settings
 from ovml.pipeline.text_embeddings import embedding_matrix
 
 CHUNK_COLUMNS = ["row", "error", "embedding"]  # chunks/chunk-<first row>.parquet; error null <-> embedding set
@@ -60,11 +61,8 @@ class EmbedImagesConfig:
 
 
 def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
-    if cfg.limit is not None and cfg.limit < 1:
-        raise OvmlError(f"--limit must be at least 1, got {cfg.limit}")
-    if cfg.batch_size < 1 or cfg.workers < 0:
-        raise OvmlError(f"--batch-size must be >= 1 and --workers >= 0, got {cfg.batch_size} and {cfg.workers}")
-    check_engine(cfg.engine, cfg.ray_actors)
+    check_settings(cfg)
+    check_engine(cfg.engine)
     if cfg.local and cfg.engine == "ray":
         raise OvmlError("--local (patch features) runs on the local engine only for now; drop --engine ray")
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
