@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ovml.pipeline import atomic
+from ovml.pipeline.artifacts import CAPTIONS
 from ovml.pipeline.errors import OvmlError, RunDirLocked
 from ovml.pipeline.paths import check_run_dir
 
@@ -107,9 +108,17 @@ class RunDir:
             stage, expected = recorded.get(rel, (None, digest))
             if digest != expected:
                 raise OvmlError(f"{self.path / rel} is not the file `ovml {stage_command(stage)}` wrote (its "
-                                f"sha256 differs from manifest.json: damaged or edited); remake it with "
-                                f"`ovml {stage_command(stage)} --force --run-dir {self.path}`")
+                                f"sha256 differs from manifest.json: damaged or edited); {self._repair(stage, rel)}")
         return hashes
+
+    def _repair(self, stage: str, rel: str) -> str:
+        """What remakes one damaged output and nothing else. --force on generate-text would discard the whole
+        caption pool; without it, generate-text keeps every intact part and writes only what is missing."""
+        if stage == "generate_text":
+            move = f"move it out of {CAPTIONS}/, then " if rel.startswith(f"{CAPTIONS}/part-") else ""
+            return (f"{move}run the same `ovml generate-text --run-dir {self.path}` command again: it keeps the "
+                    "intact captions and writes only the missing ones (never --force, which discards the pool)")
+        return f"remake it with `ovml {stage_command(stage)} --force --run-dir {self.path}`"
 
     def require(self, rel: str, produced_by: str) -> Path:
         """An upstream artifact, or a one-line error naming the stage that makes it."""

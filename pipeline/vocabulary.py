@@ -50,7 +50,8 @@ def read_vocabulary_json(path: Path) -> list[str]:
 def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:
     """A vocabulary from a label file, or a dataset's label split such as `nuswide:seen` (needs its root)."""
     if not spec:
-        raise OvmlError("no label vocabulary given; pass --labels FILE (one label per line)")
+        raise OvmlError("no label vocabulary given; pass --labels FILE (one label per line), or set "
+                        "labels = \"FILE\" in the [generate_text] section of the --config file")
     path = Path(spec)
     if not path.exists() and _DATASET_SPLIT.fullmatch(spec):
         return _dataset_split(spec, dataset_root)

@@ -245,7 +245,14 @@ def _chunk_table(rows: list[int], vectors: np.ndarray | None, errors: dict[int, 
 
 
 def _done_rows(chunks: Path) -> set[int]:
-    return {row for p in chunks.glob("chunk-*.parquet") for row in pq.read_table(p, columns=["row"])["row"].to_pylist()}
+    """Rows the staged chunks of a killed attempt hold; a staged chunk damaged since is deleted and redone."""
+    done = set()
+    for chunk in chunks.glob("chunk-*.parquet"):
+        try:
+            done.update(pq.read_table(chunk, columns=["row"])["row"].to_pylist())
+        except pa.ArrowInvalid:
+            chunk.unlink()
+    return done
 
 
 def _items_table(records: list[Record]) -> pa.Table:
