@@ -194,8 +194,12 @@ def load_adapter(adapter_dir: str | Path, clip_spec: str, dim: int) -> tuple[Ada
                         f"use the CLIP model it was trained on ('{config.clip}')")
     model = Adapter(config)
     try:
-        model.load_state_dict(load_file(str(adapter_dir / WEIGHTS)))
+        weights = load_file(str(adapter_dir / WEIGHTS))
+        model.load_state_dict(weights)
     except (SafetensorError, RuntimeError):
         raise OvmlError(f"{adapter_dir / WEIGHTS} is damaged or does not match its config.json; retrain with "
                         "`ovml train-adapter --force`") from None
+    if not all(torch.isfinite(w).all() for w in weights.values()):  # every score would be NaN
+        raise OvmlError(f"{adapter_dir / WEIGHTS} holds NaN or infinite weights (a training run that diverged); "
+                        "retrain with `ovml train-adapter --force` and a lower --lr")
     return model.eval(), config

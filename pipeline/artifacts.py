@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from ovml.pipeline.errors import OvmlError
 
 CAPTIONS = "captions"
 PART_GLOB = "part-*.parquet"
@@ -38,14 +41,26 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")  # every name in pipeline/datasets.py DATASETS
+
+
+def _folder(dataset: str) -> str:
+    """A dataset name where it becomes a folder name: one plain path component, so no name (`../../other-run`,
+    `/tmp/x`) can lead a stage to read or write outside its own folder of the run directory."""
+    if not DATASET_NAME.fullmatch(dataset):
+        raise OvmlError(f"'{dataset}' is not a dataset name (lower-case letters, digits and '-', such as folder "
+                        "or nuswide); pass the --dataset that embed-images cached")
+    return dataset
+
+
 def image_cache(dataset: str) -> str:
-    return f"images/{dataset}"
+    return f"images/{_folder(dataset)}"
 
 
 def eval_dir(dataset: str) -> str:
-    return f"eval/{dataset}"
+    return f"eval/{_folder(dataset)}"
 
 
 def search_cache(dataset: str) -> str:
     """Not under images/<dataset>/: eval fingerprints that folder, and a search must not make eval re-run."""
-    return f"cache/search/{dataset}"
+    return f"cache/search/{_folder(dataset)}"

@@ -26,6 +26,7 @@ from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 
 from ovml.pipeline.device import pick_device
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.paths import input_file
 
 RANDOM = "random"
 RANDOM_SEED = 0
@@ -347,8 +348,7 @@ def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
         torch.manual_seed(RANDOM_SEED)
         pretrained = None
     elif parsed.is_path:
-        if not Path(parsed.pretrained).is_file():
-            raise OvmlError(f"CLIP checkpoint {parsed.pretrained} does not exist; check the path in '{spec}'")
+        input_file(parsed.pretrained, "CLIP checkpoint", f"check the path in '{spec}'")
         pretrained = parsed.pretrained
         metadata = checkpoint_metadata(pretrained)
         random_weights = metadata.get("random_weights") is True

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.settings import STAGES
+from ovml.pipeline.paths import input_file
+from ovml.pipeline.settings import STAGES, check_settings
 
 SHARED_KEYS = ("run_dir", "clip", "seed", "device", "engine", "ray_address")
 SECTIONS = tuple(stage.section for stage in STAGES)
@@ -26,9 +27,7 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     """Parse and check the file's shape (known sections and shared keys); {} when there is no file."""
     if path is None:
         return {}
-    path = Path(path)
-    if not path.is_file():
-        raise OvmlError(f"config file {path} does not exist; pass an existing TOML file to --config")
+    path = input_file(path, "config file", "pass a TOML file to --config")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -54,19 +53,25 @@ def build_config(cls, section: str, file_data: dict[str, Any], overrides: dict[s
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # where a value from the file came from, for range errors
     for key in SHARED_KEYS:
         if key in file_data and key in fields:
-            values[key] = _check(key, file_data[key], hints[key], f"top level of {source}")
+            origin[key] = f"top level of {source}"
+            values[key] = _check(key, file_data[key], hints[key], origin[key])
     for key, value in file_data.get(section, {}).items():
         if key not in fields:
             raise OvmlError(
                 f"unknown key '{key}' in [{section}] of {source}; known keys: {', '.join(sorted(fields))}"
             )
-        values[key] = _check(key, value, hints[key], f"[{section}] of {source}")
+        origin[key] = f"[{section}] of {source}"
+        values[key] = _check(key, value, hints[key], origin[key])
     for key, value in (overrides or {}).items():
         if value is not None:
+            origin.pop(key, None)
             values[key] = _check(key, value, hints[key], "the command line")
-    return cls(**values)
+    cfg = cls(**values)
+    check_settings(cfg, origin)
+    return cfg
 
 
 def _check(key: str, value: Any, hint: Any, where: str) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.paths import input_file
 from ovml.pipeline.settings import FASHION_MNIST_ROOT
 
 # The ten classes in the order of the IDX label ids, named as a label file names them (examples/fashion_labels.txt),
@@ -333,8 +334,7 @@ def _render_mosaic(images_file: str, members: tuple[int, ...]) -> Image.Image:
 
 def _read_folder(csv_file: Path) -> Dataset:
     name = "folder"
-    if not csv_file.is_file():
-        raise OvmlError(f"{csv_file} is not a file; --root for folder must be {DATASETS[name].layout}")
+    input_file(csv_file, "--root", f"for folder it must be {DATASETS[name].layout}")
     try:  # utf-8-sig: spreadsheet programs start their UTF-8 CSVs with a byte-order mark
         with open(csv_file, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)

@@ -8,9 +8,11 @@ import ctypes
 import torch
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.settings import check_device_name
 
 
 def pick_device(device: str = "auto") -> str:
+    check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -29,6 +29,8 @@ ENVIRONMENT_FIXES = {  # OS errors a user meets in normal operation, and what to
     errno.EROFS: "the filesystem is read-only: pass a writable --run-dir",
     errno.EACCES: "make it writable for this user or pass another --run-dir",
     errno.EPERM: "make it writable for this user or pass another --run-dir",
+    errno.ENOTDIR: "a folder on this path is a file: move the file or pass another path",
+    errno.EISDIR: "a directory is where a file should be: move it or pass another path",
 }
 
 

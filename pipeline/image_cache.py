@@ -151,17 +151,29 @@ def read_patches(directory: Path) -> np.ndarray | QuantizedPatches | None:
 
 def read_index(path: Path) -> np.ndarray:
     """All vectors of a flat index, as one float32 matrix."""
-    index = load_index(path)
+    index = open_index(path)
     return index.reconstruct_n(0, index.ntotal)
 
 
+def open_index(path: Path) -> faiss.Index:
+    """An image cache's index.faiss, or one line naming it as damaged and the command that remakes it."""
+    try:
+        return load_index(path)
+    except RuntimeError:  # faiss's only signal for a file it cannot deserialize
+        raise OvmlError(f"{path} is damaged or not a FAISS index; remake it with `ovml embed-images --force "
+                        f"--dataset {path.parent.name} --root DIR`") from None
+
+
+INFO_FIELDS = {"clip": str, "labels": list, "splits": dict, "images": int}  # what readers of dataset.json use
+
+
 def read_dataset_info(directory: Path) -> dict:
-    """dataset.json of a cache, or a one-line error when it is damaged."""
+    """dataset.json of a cache, or a one-line error when it is damaged (not JSON, or not of this shape)."""
     try:
         info = json.loads((directory / "dataset.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         info = None
-    if not isinstance(info, dict):
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), t) for k, t in INFO_FIELDS.items()):
         raise OvmlError(f"{directory / 'dataset.json'} is damaged; remake it with "
                         f"`ovml embed-images --force --dataset {directory.name} --root DIR`")
     return info
@@ -172,13 +184,9 @@ def read_image_cache(directory: Path) -> tuple[np.ndarray, pa.Table, dict]:
     for name in ("index.faiss", "items.parquet", "dataset.json"):
         if not (directory / name).is_file():
             raise OvmlError(f"{directory / name} is missing; run `ovml embed-images` for this dataset first")
-    remake = f"ovml embed-images --force --dataset {directory.name} --root DIR"
-    try:
-        vectors = read_index(directory / "index.faiss")
-    except RuntimeError:  # faiss's only signal for a file it cannot deserialize
-        raise OvmlError(f"{directory / 'index.faiss'} is damaged or not a FAISS index; remake it with "
-                        f"`{remake}`") from None
-    items = atomic.read_parquet(directory / "items.parquet", remake)
+    vectors = read_index(directory / "index.faiss")
+    items = atomic.read_parquet(directory / "items.parquet", f"ovml embed-images --force --dataset {directory.name} "
+                                "--root DIR")
     info = read_dataset_info(directory)
     if len(items) != len(vectors):
         raise OvmlError(f"{directory} is inconsistent ({len(items)} items, {len(vectors)} vectors); "

@@ -79,6 +79,7 @@ def _read_cache(path: Path, fingerprint: str) -> np.ndarray | None:
     try:
         if (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY.encode()) != fingerprint.encode():
             return None
-        return embedding_matrix(pq.read_table(path, columns=["embedding"])["embedding"])
+        matrix = embedding_matrix(pq.read_table(path, columns=["embedding"])["embedding"])
     except (pa.ArrowInvalid, OSError):
         return None
+    return matrix if np.isfinite(matrix).all() else None

@@ -12,12 +12,14 @@ import importlib.util
 import json
 import os
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.paths import input_file
 
 CAPTION_SCHEMA = {
     "type": "object",
@@ -102,8 +104,7 @@ class LlamaCppBackend:
             raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
                             "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
         path = Path(model) if model else default_gguf()
-        if not path.is_file():
-            raise OvmlError(f"GGUF model {path} does not exist; pass --model PATH to a .gguf file")
+        input_file(path, "GGUF model", "pass --model PATH to a .gguf file")
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise OvmlError(f"{path} is not a GGUF file; pass --model PATH to a .gguf model for llama.cpp")
@@ -189,6 +190,7 @@ class OpenAIBackend:
         if concurrency < 1:
             raise OvmlError(f"--concurrency must be at least 1, got {concurrency}")
         self.base_url = base_url.rstrip("/")
+        self.shown_url = redact_url(self.base_url)  # what messages (and so logs and --json) may show
         self.sampling = sampling
         self.concurrency = concurrency
         self.retries = retries
@@ -205,7 +207,7 @@ class OpenAIBackend:
         """Servers that host one model (llama.cpp) need no --model: ask which one it is."""
         models = self._call(lambda: [m.id for m in self._client.models.list()], "/models")
         if not models:
-            raise OvmlError(f"{self.base_url}/models lists no model; pass --model NAME")
+            raise OvmlError(f"{self.shown_url}/models lists no model; pass --model NAME")
         return models[0]
 
     def _call(self, send, path: str):
@@ -216,15 +218,16 @@ class OpenAIBackend:
             return send()
         except openai.APIStatusError as e:
             if e.status_code == 429 or e.status_code >= 500:
-                raise OvmlError(f"no answer from {self.base_url}{path} after {self.retries} retries (HTTP "
+                raise OvmlError(f"no answer from {self.shown_url}{path} after {self.retries} retries (HTTP "
                                 f"{e.status_code}); wait for the server or fix --base-url, then run again to "
                                 "resume") from None
-            raise OvmlError(f"{self.base_url}{path} answered HTTP {e.status_code}: {_first_line(e.message)}; "
-                            f"check --model, --base-url and ${API_KEY_ENV}") from None
+            raise OvmlError(f"{self.shown_url}{path} answered HTTP {e.status_code}: "
+                            f"{_first_line(hide_secret(e.message, self.base_url))}; check --model, --base-url and "
+                            f"${API_KEY_ENV}") from None
         except openai.APIConnectionError as e:
-            raise OvmlError(f"no answer from {self.base_url}{path} after {self.retries} retries "
-                            f"({_first_line(str(e))}); start the server or fix --base-url, then run again to "
-                            "resume") from None
+            raise OvmlError(f"no answer from {self.shown_url}{path} after {self.retries} retries "
+                            f"({_first_line(hide_secret(str(e), self.base_url))}); start the server or fix --base-url, "
+                            "then run again to resume") from None
 
     def request_body(self, request: ChatRequest, dialect: str) -> dict:
         """The chat-completions fields sent (extra_body's server-specific options ride beside them)."""
@@ -277,6 +280,21 @@ class OpenAIBackend:
                 yield future.result()
         finally:  # on Ctrl-C or an error, drop the queued requests instead of sending them all first
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user info (http://user:pw@host) shown as ***: URLs go into messages, logs
+    and --json lines, passwords never do."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"))
+
+
+def hide_secret(text: str, url: str) -> str:
+    """`text` (a server's or a library's message) with every copy of `url`'s password shown as ***."""
+    password = urllib.parse.urlsplit(url).password
+    return text.replace(url, redact_url(url)).replace(password, "***") if password else text
 
 
 def _first_line(text: str) -> str:

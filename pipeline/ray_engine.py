@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections import defaultdict
 from collections.abc import Hashable, Iterator
 from typing import Any
@@ -26,10 +27,8 @@ UNIT = "unit"  # the column every work item and every actor output row carries
 ERROR = "ovml_error"  # the column of an actor's answer when it met a user error instead
 
 
-def check_engine(engine: str, actors: int) -> None:
-    """Before a stage touches its run directory: a usable pool size, and Ray installed when it is asked for."""
-    if actors < 1:
-        raise OvmlError(f"--ray-actors must be at least 1, got {actors}")
+def check_engine(engine: str) -> None:
+    """Before a stage touches its run directory: Ray installed when it is asked for."""
     if engine == "ray":
         _import_ray()
 
@@ -50,6 +49,8 @@ def ray_session(address: str) -> Iterator[Any]:
     ray = _import_ray()
     started = False
     if not ray.is_initialized():
+        if address not in ("auto", "local"):
+            _check_reachable(address)
         try:
             ray.init(address=None if address == "auto" else address, include_dashboard=False,
                      log_to_driver=False, logging_level="warning")
@@ -65,6 +66,26 @@ def ray_session(address: str) -> Iterator[Any]:
     finally:
         if started:
             ray.shutdown()
+
+
+RAY_PORTS = {"": 6379, "ray://": 10001}  # Ray's default GCS port, and its client server's
+CONNECT_TIMEOUT = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """One TCP connection to the cluster's address first: ray.init retries a dead address for minutes (20 tries
+    of ~65 s here), which a cron job would spend waiting. A reachable port that is not Ray still goes to Ray."""
+    scheme = "ray://" if address.startswith("ray://") else ""
+    host, colon, port = address.removeprefix(scheme).rpartition(":")
+    if not colon:
+        host, port = port, ""
+    try:
+        with socket.create_connection((host.strip("[]"), int(port or RAY_PORTS[scheme])), timeout=CONNECT_TIMEOUT):
+            pass
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise OvmlError(f"cannot join the Ray cluster at {address} ({reason}); start one with `ray start --head` "
+                        "there, or use --ray-address auto") from None
 
 
 def actor_gpus(ray, device: str) -> int:

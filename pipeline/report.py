@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,22 @@ from rich.table import Table
 from ovml.pipeline import atomic
 
 RANDOM_WEIGHTS_NOTE = "CLIP weights were random: these numbers measure cost only, never accuracy."
+
+
+def json_line(value: Any) -> str:
+    """One line of strict JSON for --json: NaN and infinity have no JSON spelling, so they are written as null
+    (Python's json would print `NaN`, which JSON parsers reject)."""
+    return json.dumps(_finite(value), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def eval_markdown(report: dict[str, Any]) -> str:
@@ -94,7 +111,7 @@ def _save(fig: Figure, path: Path) -> None:
 def print_predictions(predictions: list[dict[str, Any]], json_out: bool, console: Console) -> None:
     """predict's output: one JSON line, or a table with each image's labels best first."""
     if json_out:
-        print(json.dumps(predictions))
+        print(json_line(predictions))
         return
     if not predictions:
         return
@@ -114,7 +131,7 @@ def print_predictions(predictions: list[dict[str, Any]], json_out: bool, console
 def print_search(found: dict[str, Any], json_out: bool, console: Console) -> None:
     """search's output: one JSON line, or a table of the images best first."""
     if json_out:
-        print(json.dumps(found))
+        print(json_line(found))
         return
     table = Table(title=f"ovml search {found['query']!r} in {found['dataset']} ({found['method']}, {found['index']})")
     table.add_column("rank", justify="right")

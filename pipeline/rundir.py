@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ovml.pipeline import atomic
+from ovml.pipeline.artifacts import CAPTIONS
 from ovml.pipeline.errors import OvmlError, RunDirLocked
+from ovml.pipeline.paths import check_run_dir
 from ovml.pipeline.settings import DEFAULT_CLIP
 
 MANIFEST = "manifest.json"
@@ -66,7 +68,7 @@ def versions() -> dict[str, str]:
 
 class RunDir:
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = check_run_dir(path)
 
     def __truediv__(self, rel: str) -> Path:
         return self.path / rel
@@ -81,6 +83,11 @@ class RunDir:
             manifest = None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
             raise OvmlError(f"{file} is damaged (not an ovml manifest); delete it to rebuild the run from scratch")
+        for stage, record in manifest["stages"].items():
+            if not _is_record(record):
+                raise OvmlError(f"{file} is damaged (its record of {stage} is not an ovml stage record); remove "
+                                f"that record and run `ovml {stage_command(stage)}` again, or delete the file to "
+                                "rebuild the run from scratch")
         return manifest
 
     def stage_record(self, stage: str) -> dict[str, Any] | None:
@@ -125,9 +132,17 @@ class RunDir:
             stage, expected = recorded.get(rel, (None, digest))
             if digest != expected:
                 raise OvmlError(f"{self.path / rel} is not the file `ovml {stage_command(stage)}` wrote (its "
-                                f"sha256 differs from manifest.json: damaged or edited); remake it with "
-                                f"`ovml {stage_command(stage)} --force --run-dir {self.path}`")
+                                f"sha256 differs from manifest.json: damaged or edited); {self._repair(stage, rel)}")
         return hashes
+
+    def _repair(self, stage: str, rel: str) -> str:
+        """What remakes one damaged output and nothing else. --force on generate-text would discard the whole
+        caption pool; without it, generate-text keeps every intact part and writes only what is missing."""
+        if stage == "generate_text":
+            move = f"move it out of {CAPTIONS}/, then " if rel.startswith(f"{CAPTIONS}/part-") else ""
+            return (f"{move}run the same `ovml generate-text --run-dir {self.path}` command again: it keeps the "
+                    "intact captions and writes only the missing ones (never --force, which discards the pool)")
+        return f"remake it with `ovml {stage_command(stage)} --force --run-dir {self.path}`"
 
     def require(self, rel: str, produced_by: str) -> Path:
         """An upstream artifact, or a one-line error naming the stage that makes it."""
@@ -144,6 +159,15 @@ def check_same_clip(made_with: str | None, clip: str, what: Path) -> None:
     if made_with is not None and made_with != clip:
         raise OvmlError(f"{what} was made with CLIP '{made_with}', not '{clip}'; leave out --clip to use "
                         f"'{made_with}', or use another --run-dir for '{clip}'")
+RECORD_FIELDS = {"status": str, "fingerprint": str, "params": dict, "inputs": dict, "outputs": dict,
+                 "summary": dict}  # what is read from a stage record, and of what type
+
+
+def _is_record(record: Any) -> bool:
+    """A stage record of the shape run_stage writes: readers can use it without checking each field again."""
+    return (isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in RECORD_FIELDS.items()
+                                             if k in record)
+            and all(isinstance(v, str) for field in ("inputs", "outputs") for v in record.get(field, {}).values()))
 
 
 def files_under(root: Path, rels: list[str]) -> list[Path]:
@@ -227,7 +251,17 @@ class Staging:
         file = self.dir / "commit.json"
         if not file.exists():
             return
-        commit = json.loads(file.read_text(encoding="utf-8"))
+        try:
+            commit = json.loads(file.read_text(encoding="utf-8"))
+            valid = _is_record(commit["record"]) and all(
+                isinstance(rel, str) and (inode is None or isinstance(inode, int))
+                for rel, inode in commit["inodes"].items())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            valid = False
+        if not valid:  # written atomically, so damaged after the fact: what was swapped in cannot be told
+            raise OvmlError(f"{file} is damaged, so the interrupted commit of {stage_command(stage)} cannot be "
+                            f"finished; delete {self.dir} and run `ovml {stage_command(stage)}` again (it remakes what "
+                            "does not match the manifest)")
         for rel, inode in commit["inodes"].items():
             self._swap(rel, inode)
         run_dir._put_record(stage, commit["record"])
@@ -317,7 +351,7 @@ _held: dict[Path, tuple[int, int]] = {}  # resolved run dir -> (fd, depth): re-e
 @contextlib.contextmanager
 def lock_run_dir(path: Path, holder: str) -> Iterator[None]:
     """Exclusive flock on <run_dir>/.lock; a second process gets RunDirLocked (exit 75) at once."""
-    path = Path(path)
+    path = check_run_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     key = path.resolve()
     if key in _held:

@@ -34,7 +34,7 @@ from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist_spl
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.rundir import StageOutcome
-from ovml.pipeline.settings import TestbedConfig, as_params
+from ovml.pipeline.settings import TestbedConfig, as_params, check_settings
 from ovml.prompts import read_prompt_file
 
 GRAMMAR_FILE = "testbed_grammar.json"
@@ -167,12 +167,9 @@ def _train(cfg: TestbedConfig, images: np.ndarray, classes: np.ndarray) -> tuple
 
 
 def _check(cfg: TestbedConfig) -> None:
-    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.mosaic < 1 or cfg.train_images < 1:
-        raise OvmlError("steps, mosaic and train_images must be at least 1 and batch_size at least 2")
-    if not (0 <= cfg.single_fraction <= 1 and 0 <= cfg.blank_fraction < 1):
-        raise OvmlError("single_fraction must be in [0, 1] and blank_fraction in [0, 1)")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise OvmlError(f"lr must be a positive number, got {cfg.lr}")
+    check_settings(cfg)
+    if cfg.batch_size < 2:  # a contrastive loss needs a negative in every batch
+        raise OvmlError(f"--batch-size must be at least 2 for a contrastive loss, got {cfg.batch_size}")
     if cfg.arch not in open_clip.list_models():
         raise OvmlError(f"unknown CLIP architecture '{cfg.arch}'")
 

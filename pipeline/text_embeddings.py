@@ -125,9 +125,15 @@ def read_text_embeddings(text_emb_dir: str | Path, dtype: str = "float32") -> tu
     matrix = np.empty((sum(f.metadata.num_rows for f in files), dims[0]), dtype=dtype)
     caption_ids: list[pa.Array] = []
     row = 0
-    for f in files:
+    for path, f in zip(parts, files, strict=True):
         for batch in f.iter_batches(batch_size=8192, columns=["caption_id", "embedding"]):
-            matrix[row:row + batch.num_rows] = embedding_matrix(batch.column("embedding"))
+            block = matrix[row:row + batch.num_rows]
+            block[:] = embedding_matrix(batch.column("embedding"))
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():  # training on it would make every weight NaN
+                raise OvmlError(f"{path} holds non-finite embeddings (NaN or inf; caption "
+                                f"{batch.column('caption_id')[int(np.argmin(finite))]} is the first); remake it "
+                                f"with `ovml embed-text --force --run-dir {Path(text_emb_dir).parent}`")
             caption_ids.append(batch.column("caption_id"))
             row += batch.num_rows
         pa.default_memory_pool().release_unused()  # else Arrow's allocator keeps the part's decoding buffers

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.paths import input_file
 
 # English plurals that no suffix rule produces; common object labels need them (person/people).
 IRREGULAR_PLURALS = {
@@ -49,12 +50,12 @@ def read_vocabulary_json(path: Path) -> list[str]:
 def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:
     """A vocabulary from a label file, or a dataset's label split such as `nuswide:seen` (needs its root)."""
     if not spec:
-        raise OvmlError("no label vocabulary given; pass --labels FILE (one label per line)")
+        raise OvmlError("no label vocabulary given; pass --labels FILE (one label per line), or set "
+                        "labels = \"FILE\" in the [generate_text] section of the --config file")
     path = Path(spec)
     if not path.exists() and _DATASET_SPLIT.fullmatch(spec):
         return _dataset_split(spec, dataset_root)
-    if not path.is_file():
-        raise OvmlError(f"labels file {path} does not exist; pass a text file with one label per line to --labels")
+    input_file(path, "labels file", "pass a text file with one label per line to --labels")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -26,25 +26,21 @@ from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import (
     FAILURES_SCHEMA,
     ITEMS_SCHEMA,
-    PATCH_STORES,
     write_image_cache,
     write_patches,
 )
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
-from ovml.pipeline.settings import EmbedImagesConfig, as_params
+from ovml.pipeline.settings import EmbedImagesConfig, as_params, check_settings
 from ovml.pipeline.text_embeddings import embedding_matrix
 
 CHUNK_COLUMNS = ["row", "error", "embedding"]  # chunks/chunk-<first row>.parquet; error null <-> embedding set
 
 
 def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
-    if cfg.limit is not None and cfg.limit < 1:
-        raise OvmlError(f"--limit must be at least 1, got {cfg.limit}")
-    if cfg.batch_size < 1 or cfg.workers < 0:
-        raise OvmlError(f"--batch-size must be >= 1 and --workers >= 0, got {cfg.batch_size} and {cfg.workers}")
-    check_engine(cfg.engine, cfg.ray_actors)
+    check_settings(cfg)
+    check_engine(cfg.engine)
     if cfg.local and cfg.engine == "ray":
         raise OvmlError("--local (patch features) runs on the local engine only for now; drop --engine ray")
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
@@ -54,8 +50,6 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
-    if cfg.local_store not in PATCH_STORES:
-        raise OvmlError(f"--local-store must be one of {', '.join(PATCH_STORES)}, got '{cfg.local_store}'")
     if not cfg.local:  # caches made before --local existed keep their fingerprint: no re-embedding
         del params["local"], params["local_store"]
     output = image_cache(dataset.name)
@@ -228,7 +222,14 @@ def _chunk_table(rows: list[int], vectors: np.ndarray | None, errors: dict[int, 
 
 
 def _done_rows(chunks: Path) -> set[int]:
-    return {row for p in chunks.glob("chunk-*.parquet") for row in pq.read_table(p, columns=["row"])["row"].to_pylist()}
+    """Rows the staged chunks of a killed attempt hold; a staged chunk damaged since is deleted and redone."""
+    done = set()
+    for chunk in chunks.glob("chunk-*.parquet"):
+        try:
+            done.update(pq.read_table(chunk, columns=["row"])["row"].to_pylist())
+        except pa.ArrowInvalid:
+            chunk.unlink()
+    return done
 
 
 def _items_table(records: list[Record]) -> pa.Table:

@@ -18,7 +18,7 @@ from ovml.pipeline.label_embeddings import label_embeddings, load_templates, tem
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
-from ovml.pipeline.settings import EmbedTextConfig, as_params
+from ovml.pipeline.settings import EmbedTextConfig, as_params, check_settings
 from ovml.pipeline.text_embeddings import embedding_array, embedding_matrix, text_embedding_parts, write_text_embeddings
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
@@ -27,6 +27,7 @@ TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a 
 
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     """One text_emb part per captions part (same name), then the training vocabulary's label embeddings."""
+    check_settings(cfg)
     run_dir = RunDir(cfg.run_dir)
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     captions_dir = run_dir.require(CAPTIONS, produced_by="generate_text")
@@ -35,9 +36,7 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
     labels = read_vocabulary_json(run_dir.require(VOCABULARY, produced_by="generate_text"))
-    if cfg.batch_size < 1:
-        raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
-    check_engine(cfg.engine, cfg.ray_actors)
+    check_engine(cfg.engine)
     if cfg.local and cfg.engine == "ray":
         raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
     autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running

@@ -48,7 +48,7 @@ from ovml.pipeline.metrics import (
 )
 from ovml.pipeline.report import eval_markdown, plot_ap_scatter, plot_pr_curves
 from ovml.pipeline.rundir import RunDir, StageOutcome, check_same_clip, files_under, run_stage
-from ovml.pipeline.settings import EvalConfig, as_params
+from ovml.pipeline.settings import EvalConfig, as_params, check_settings
 
 IMAGES_PER_CHUNK = 4096  # scores of [chunk, labels] at a time: 124 MB at 7,586 labels
 LABELS_PER_BLOCK = 256  # scores of [images, block] at a time for AP: 128 MB at 125,000 images
@@ -56,30 +56,26 @@ TOP_SCORES = 50  # labels per image and method that scores.parquet keeps unless 
 
 
 def evaluate(cfg: EvalConfig) -> StageOutcome:
+    check_settings(cfg)
     if cfg.dataset not in DATASETS:
         raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(DATASETS)}")
-    if cfg.save_scores not in ("top", "all"):
-        raise OvmlError(f"--save-scores must be top (the {TOP_SCORES} best labels per image) or all, "
-                        f"got '{cfg.save_scores}'")
-    if not 0 <= cfg.local_weight <= 1 or cfg.local_top_k < 1:
-        raise OvmlError(f"--local-weight must be in [0, 1] and --local-top-k at least 1, got {cfg.local_weight} "
-                        f"and {cfg.local_top_k}")
     run_dir = RunDir(cfg.run_dir)
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     cache = image_cache(cfg.dataset)
     if not (run_dir / cache / "dataset.json").is_file():
         raise OvmlError(f"{run_dir / cache} holds no image cache; run `ovml embed-images --dataset {cfg.dataset} "
                         f"--root DIR --run-dir {run_dir.path}` first")
+    run_dir.require(ADAPTER, produced_by="train_adapter")
+    inputs = files_under(run_dir.path, [cache, ADAPTER])
+    run_dir.verified_hashes(inputs)  # before anything is read from them (run_stage checks them again, locked)
     info = read_dataset_info(run_dir / cache)
     if not info.get("images"):
         raise OvmlError(f"{run_dir / cache} holds no image (all {info.get('failures', 0)} failed to read or the "
                         f"dataset lists none); fix the images under --root and re-run `ovml embed-images --force`")
     check_same_clip(info["clip"], cfg.clip, run_dir / cache)
-    run_dir.require(ADAPTER, produced_by="train_adapter")
     output = eval_dir(cfg.dataset)
     return run_stage(
-        run_dir, f"eval/{cfg.dataset}", params=as_params(cfg),
-        inputs=files_under(run_dir.path, [cache, ADAPTER]), outputs=[output],
+        run_dir, f"eval/{cfg.dataset}", params=as_params(cfg), inputs=inputs, outputs=[output],
         body=lambda out, resume: _evaluate(cfg, run_dir, run_dir / cache, out / output),
         force=cfg.force, models={"clip": cfg.clip},
     )

@@ -43,10 +43,11 @@ from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, VOCABULARY, caption_parts, part_name
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
+from ovml.pipeline.paths import input_file
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import check_engine, ray_chat, ray_session
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
-from ovml.pipeline.settings import GenerateTextConfig, as_params
+from ovml.pipeline.settings import GenerateTextConfig, as_params, check_settings
 from ovml.pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
 from ovml.prompts import read_prompt_file
 
@@ -115,19 +116,18 @@ def _recipe(params: dict, vocabulary: Vocabulary, cfg: GenerateTextConfig) -> st
 
 
 def _check(cfg: GenerateTextConfig) -> None:
-    if cfg.per_label < 1:
-        raise OvmlError(f"--per-label must be at least 1, got {cfg.per_label}")
-    if not 1 <= cfg.min_labels <= cfg.max_labels:
-        raise OvmlError(f"need 1 <= --min-labels <= --max-labels, got {cfg.min_labels} and {cfg.max_labels}")
-    if not 0 <= cfg.shard_index < cfg.num_shards:
+    check_settings(cfg)
+    if cfg.min_labels > cfg.max_labels:
+        raise OvmlError(f"need --min-labels <= --max-labels, got {cfg.min_labels} and {cfg.max_labels}")
+    if cfg.shard_index >= cfg.num_shards:
         raise OvmlError(f"--shard-index must be in 0..{cfg.num_shards - 1} for --num-shards {cfg.num_shards}, "
                         f"got {cfg.shard_index}")
-    if cfg.part_size < 1 or cfg.max_rounds < 1:
-        raise OvmlError("--part-size and --max-rounds must be at least 1")
-    check_engine(cfg.engine, cfg.ray_actors)
-    if cfg.sampling == "cooccurrence" and not (cfg.cooccurrence and Path(cfg.cooccurrence).is_file()):
-        raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE (a tag file, one image per line, "
-                        f"labels separated by commas); got {cfg.cooccurrence!r}")
+    check_engine(cfg.engine)
+    if cfg.sampling == "cooccurrence":
+        tag_file = "a tag file, one image per line, labels separated by commas"
+        if not cfg.cooccurrence:
+            raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE ({tag_file})")
+        input_file(cfg.cooccurrence, "--cooccurrence file", f"pass {tag_file}")
 
 
 class ShardTally:

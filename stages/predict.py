@@ -9,7 +9,6 @@ is fused with its local head's pooled patch logit as in eval's adapter+local row
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +19,9 @@ from ovml.pipeline.artifacts import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LA
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings
+from ovml.pipeline.paths import input_file
 from ovml.pipeline.rundir import RunDir
-from ovml.pipeline.settings import PredictConfig
+from ovml.pipeline.settings import PredictConfig, check_settings
 from ovml.pipeline.vocabulary import load_vocabulary
 
 IMAGE_BATCH = 32
@@ -29,9 +29,8 @@ IMAGE_BATCH = 32
 
 def predict(cfg: PredictConfig) -> list[dict]:
     """Per image, in the order given: {image, method, random_weights, labels: [{label, score}] best first}."""
+    check_settings(cfg)
     labels = _labels(cfg)
-    if cfg.top_k < 1:
-        raise OvmlError(f"--top-k must be at least 1, got {cfg.top_k}")
     if not cfg.images:
         raise OvmlError("no image given; pass one or more image files, e.g. `ovml predict photo.jpg --labels ...`")
     if cfg.local and cfg.zero_shot:
@@ -82,9 +81,7 @@ def _labels(cfg: PredictConfig) -> list[str]:
     if cfg.labels is not None:
         names = cfg.labels.split(",")
     else:
-        path = Path(cfg.labels_file)
-        if not path.is_file():
-            raise OvmlError(f"labels file {path} does not exist; pass a text file with one label per line")
+        path = input_file(cfg.labels_file, "labels file", "pass a text file with one label per line")
         names = load_vocabulary(str(path)).labels  # the format generate-text reads: comments, `label: synonyms`
     labels = list(dict.fromkeys(name.strip() for name in names if name.strip()))
     if not labels:
@@ -93,8 +90,7 @@ def _labels(cfg: PredictConfig) -> list[str]:
 
 
 def _open(path: str) -> Image.Image:
-    if not Path(path).is_file():
-        raise OvmlError(f"image {path} does not exist")
+    input_file(path, "image", "pass image files")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")

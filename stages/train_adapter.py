@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from ovml.pipeline import atomic, losses
-from ovml.pipeline.adapter import POOLINGS, Adapter, AdapterConfig, perturb, save_adapter
+from ovml.pipeline.adapter import Adapter, AdapterConfig, perturb, save_adapter
 from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY, caption_parts
 from ovml.pipeline.device import pick_device, return_freed_memory
 from ovml.pipeline.errors import OvmlError
@@ -24,9 +24,8 @@ from ovml.pipeline.label_sets import LabelSets
 from ovml.pipeline.metrics import average_precision, column_blocks, mean_average_precision
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
-from ovml.pipeline.settings import TrainAdapterConfig, as_params
+from ovml.pipeline.settings import TrainAdapterConfig, as_params, check_settings
 from ovml.pipeline.text_embeddings import (
-    STORE_DTYPES,
     TokenFeatures,
     check_token_features,
     embedding_matrix,
@@ -84,27 +83,8 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
 
 def _check(cfg: TrainAdapterConfig) -> None:
     """Every setting is checked before the stage touches anything, so a typo never costs the old adapter."""
-    for name in ("noise", "alpha", "scale", "lr", "weight_decay", "warmup_epochs"):
-        if not math.isfinite(getattr(cfg, name)):
-            raise OvmlError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.scale <= 0 or cfg.warmup_epochs < 0:
-        raise OvmlError(f"need --lr > 0, --weight-decay >= 0, --scale > 0 and --warmup-epochs >= 0; got {cfg.lr}, "
-                        f"{cfg.weight_decay}, {cfg.scale} and {cfg.warmup_epochs}")
+    check_settings(cfg)
     pick_device(cfg.device)
-    if cfg.noise < 0:
-        raise OvmlError(f"--noise must be >= 0 (0 turns the perturbation off), got {cfg.noise}")
-    if not 0 <= cfg.val_fraction < 1:
-        raise OvmlError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    for name in ("hidden", "epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise OvmlError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not 0 <= cfg.dropout < 1:
-        raise OvmlError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.store_dtype not in STORE_DTYPES:
-        raise OvmlError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, got '{cfg.store_dtype}'")
-    if cfg.local_pooling not in POOLINGS or cfg.local_top_k < 1:
-        raise OvmlError(f"--local-pooling must be one of {', '.join(POOLINGS)} and --local-top-k at least 1, got "
-                        f"'{cfg.local_pooling}' and {cfg.local_top_k}")
 
 
 def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool) -> TrainingData:
@@ -132,6 +112,9 @@ def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool) -> Train
         raise OvmlError(f"{row.null_count} captions have no text embedding; re-run "
                         f"`ovml embed-text --run-dir {run_dir.path}`")
     label_emb = embedding_matrix(labels.column("embedding"))
+    if not np.isfinite(label_emb).all():
+        raise OvmlError(f"{run_dir / TRAIN_LABELS} holds non-finite label embeddings (NaN or inf); remake it with "
+                        f"`ovml embed-text --force --run-dir {run_dir.path}`")
     if label_emb.shape[1] != text_emb.shape[1]:
         raise OvmlError(f"label embeddings are {label_emb.shape[1]}-d but text embeddings {text_emb.shape[1]}-d; "
                         f"re-run `ovml embed-text --force --run-dir {run_dir.path}`")
@@ -191,12 +174,16 @@ def _train(cfg: TrainAdapterConfig, params: dict, out: Path, data: TrainingData)
                     words = perturb(torch.from_numpy(words).to(device).float(), cfg.noise, cfg.renorm, noise_rng)
                     loss = loss + loss_fn(model.local_logits(model.local_features(words), label_emb,
                                                              torch.from_numpy(real).to(device)), y)
+                if not math.isfinite(loss.item()):
+                    raise _diverged(cfg, epoch, f"the loss became {loss.item()}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 total += loss.item() * len(batch)
                 progress.advance(task, len(batch))
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise _diverged(cfg, epoch, "some weights became NaN or infinite")
             val_map, val_map_local = _validation_map(model, x_all, rows[val.to(device)], data.targets, val.numpy(),
                                                      label_emb, data.tokens)
             log.append({"epoch": epoch, "loss": total / len(train), "val_mAP": val_map, "val_mAP_local": val_map_local,
@@ -221,6 +208,13 @@ def _train(cfg: TrainAdapterConfig, params: dict, out: Path, data: TrainingData)
     atomic.write_parquet(out / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
     return {"captions": len(order), "labels": len(data.vocabulary), "epochs_run": len(log),
             "best_epoch": best["epoch"], "best_val_mAP": best_map}
+
+
+def _diverged(cfg: TrainAdapterConfig, epoch: int, what: str) -> OvmlError:
+    """Training went non-finite: its inputs were checked finite when read, so the learning rate (or the logit
+    scale) is the likely cause. Raised before anything is saved: the previous adapter stays."""
+    return OvmlError(f"training diverged in epoch {epoch}: {what}; lower --lr (now {cfg.lr:g}) or --scale (now "
+                     f"{cfg.scale:g}); nothing was saved")
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):

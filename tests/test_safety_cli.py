@@ -140,7 +140,7 @@ SCENARIOS = [
                                         "--per-label", "1"],
              "token context", requires=[needs_llama_cpp],
              setup=lambda run, work, mp: (work / "long.txt").write_text("cat\n" + "very " * 1000 + "long dog\n")),
-    Scenario("train-adapter --lr -1 --force", cmd("train-adapter", "--lr", "-1", "--force"), "--lr > 0"),
+    Scenario("train-adapter --lr -1 --force", cmd("train-adapter", "--lr", "-1", "--force"), "--lr must be > 0"),
     Scenario("train-adapter --force on a full disk", cmd("train-adapter", "--force", "--epochs", "1"),
              "No space left on device; free disk space", setup=lambda run, work, mp: fail_writes(errno.ENOSPC, mp)),
     Scenario("eval --force in a read-only run directory", cmd("eval", "--dataset", "folder", "--force"),
