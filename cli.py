@@ -377,27 +377,9 @@ def run(
 
     Exit codes: 0 ok, 1 a stage failed, 2 usage or config error, 75 another run holds the run directory.
     """
-    from ovml.stages.run import RunConfig, run
+    from ovml.stages.run import run_command  # light: the stages are imported once the lock is held
 
-    config_path = config
-    try:
-        cfg = build_config(RunConfig, "run", read_config_file(config_path), {"run_dir": run_dir, "json": json_out},
-                           source=str(config_path or "config"))
-        try:
-            code = run(cfg, config_path)
-        except OSError as e:  # the run directory itself cannot be locked or logged to
-            from ovml.pipeline.logs import write_traceback
-
-            if environment_error(e) is None:
-                raise
-            raise OvmlError(f"{environment_error(e)} (traceback in {write_traceback(cfg.run_dir)})") from None
-    except OvmlError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        if json_out:  # cron parses one JSON line on every exit, a refused start included
-            print(json.dumps({"run_dir": str(run_dir) if run_dir else None, "exit_code": e.exit_code,
-                              "error": str(e), "stages": []}))
-        raise typer.Exit(e.exit_code) from None
-    raise typer.Exit(code)
+    raise typer.Exit(run_command(config, run_dir, json_out))
 
 
 if __name__ == "__main__":

@@ -333,34 +333,43 @@ def _normalise(features: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(features, dim=-1).cpu().numpy().astype(np.float32, copy=False)
 
 
-@functools.lru_cache(maxsize=2)
-def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
+def check_clip(spec: str, device: str = "auto") -> ClipSpec:
+    """What load_clip would refuse, found without loading a model (so `ovml run` can check it before the first
+    stage): the spec's form, the architecture, the checkpoint file or the pretrained tag, and the device."""
     parsed = ClipSpec.parse(spec)
-    device = pick_device(device)
+    pick_device(device)
     if parsed.arch not in open_clip.list_models():
         raise OvmlError(
             f"unknown CLIP architecture '{parsed.arch}' in '{spec}'; see `python -c \"import open_clip; "
             "print(open_clip.list_models())\"` for the names open_clip knows"
         )
-    random_weights, description = parsed.pretrained == RANDOM, None
+    if parsed.pretrained == RANDOM:
+        return parsed
+    if parsed.is_path:
+        if not Path(parsed.pretrained).is_file():
+            raise OvmlError(f"CLIP checkpoint {parsed.pretrained} does not exist; check the path in '{spec}'")
+        checkpoint_metadata(parsed.pretrained)  # a damaged header is one line here too
+    elif not open_clip.get_pretrained_cfg(parsed.arch, parsed.pretrained):
+        tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == parsed.arch) or "none"
+        raise OvmlError(
+            f"'{parsed.pretrained}' is not a pretrained tag of {parsed.arch} (known: {tags}); "
+            f"or pass a local checkpoint as {parsed.arch}:/path/to/checkpoint"
+        )
+    return parsed
+
+
+@functools.lru_cache(maxsize=2)
+def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
+    parsed = check_clip(spec, device)
+    device = pick_device(device)
+    random_weights, description, pretrained = parsed.pretrained == RANDOM, None, parsed.pretrained
     if random_weights:
         torch.manual_seed(RANDOM_SEED)
         pretrained = None
     elif parsed.is_path:
-        if not Path(parsed.pretrained).is_file():
-            raise OvmlError(f"CLIP checkpoint {parsed.pretrained} does not exist; check the path in '{spec}'")
-        pretrained = parsed.pretrained
         metadata = checkpoint_metadata(pretrained)
         random_weights = metadata.get("random_weights") is True
         description = metadata.get("description")
-    else:
-        if not open_clip.get_pretrained_cfg(parsed.arch, parsed.pretrained):
-            tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == parsed.arch) or "none"
-            raise OvmlError(
-                f"'{parsed.pretrained}' is not a pretrained tag of {parsed.arch} (known: {tags}); "
-                f"or pass a local checkpoint as {parsed.arch}:/path/to/checkpoint"
-            )
-        pretrained = parsed.pretrained
     try:
         model, _, preprocess = _create(parsed.arch, pretrained, device)
     except OvmlError:

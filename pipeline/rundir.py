@@ -12,6 +12,12 @@ record) is written, each staged output is swapped with the old one in one rename
 missing), then the manifest record is written and the old outputs deleted. A commit killed half-way is
 finished by the next run_stage call of that stage (commit.json and the staged inodes say what is done).
 Until then the previous outputs and their manifest record stay in place and usable.
+
+The attempt key says how the staged outputs were made, forced or not: a forced attempt starts from nothing,
+so its staging is never resumed (nor mistaken for a plain attempt's); the next run of the stage drops it.
+Readers that take no lock (predict, search) may meet a commit between its swap and its manifest write: a
+mismatch is checked again once that commit is done (verified_hashes), and what they load is checked to be the
+very files they verified (verified_load), so they see the old outputs or the new ones, never a mix.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from ovml.pipeline.errors import OvmlError, RunDirLocked
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".staging"
+FORCED = "forced "  # prefix of a forced attempt's key: such staging is never resumed
+COMMIT_WAIT = 5.0  # seconds a lock-free reader waits for a commit in progress before calling a mismatch damage
 
 
 @dataclass
@@ -93,17 +101,59 @@ class RunDir:
 
     def verified_hashes(self, paths: list[Path]) -> dict[str, str]:
         """sha256 of each file, checked against the hash its producer recorded (files no stage recorded,
-        e.g. a labels file outside the run dir, are only hashed); one line naming the remaking command."""
-        recorded = {rel: (stage, digest) for stage, record in self.manifest()["stages"].items()
-                    if record.get("status") == "finished" for rel, digest in record.get("outputs", {}).items()}
-        hashes = hash_files(self.path, paths)
-        for rel, digest in hashes.items():
-            stage, expected = recorded.get(rel, (None, digest))
-            if digest != expected:
-                raise OvmlError(f"{self.path / rel} is not the file `ovml {stage_command(stage)}` wrote (its "
-                                f"sha256 differs from manifest.json: damaged or edited); remake it with "
-                                f"`ovml {stage_command(stage)} --force --run-dir {self.path}`")
-        return hashes
+        e.g. a labels file outside the run dir, are only hashed); one line naming the remaking command.
+        A mismatch met while another process commits (new files, old manifest) is checked again after it."""
+        deadline = time.monotonic() + COMMIT_WAIT
+        while True:
+            manifest = self.manifest()
+            recorded = {rel: (stage, digest) for stage, record in manifest["stages"].items()
+                        if record.get("status") == "finished" for rel, digest in record.get("outputs", {}).items()}
+            try:
+                hashes = hash_files(self.path, paths)
+            except FileNotFoundError:  # between the two renames of a commit where the filesystem cannot exchange
+                if self._committing(manifest, deadline):
+                    continue
+                raise
+            wrong = [(rel, recorded[rel][0]) for rel, digest in hashes.items()
+                     if recorded.get(rel, (None, digest))[1] != digest]
+            if not wrong:
+                return hashes
+            if self._committing(manifest, deadline):
+                continue
+            rel, stage = wrong[0]
+            command = f"ovml {stage_command(stage)}"
+            if (Staging(self.path, stage).dir / "commit.json").exists():
+                raise OvmlError(f"{self.path / rel} comes from a commit of `{command}` that was interrupted; "
+                                f"run `{command} --run-dir {self.path}` to complete it")
+            raise OvmlError(f"{self.path / rel} is not the file `{command}` wrote (its sha256 differs from "
+                            f"manifest.json: damaged or edited); remake it with `{command} --force --run-dir "
+                            f"{self.path}`")
+
+    def _committing(self, manifest_read: dict[str, Any], deadline: float) -> bool:
+        """Whether another process may be committing (or has just committed) a stage, so that a mismatch with
+        `manifest_read` is worth checking again; waits a moment first. Never while this process holds the lock."""
+        if self.path.resolve() in _held or time.monotonic() > deadline:
+            return False
+        staging = self.path / STAGING
+        pending = staging.is_dir() and any((d / "commit.json").exists() for d in staging.iterdir())
+        if pending:
+            time.sleep(0.02)
+        return pending or self.manifest() != manifest_read
+
+    def verified_load(self, paths: list[Path], load: Callable[[], Any]) -> Any:
+        """`load()` of files verified against the manifest, for readers that take no lock: run again when a
+        commit swapped any of them in between, so what is loaded is what was verified (old or new, not a mix)."""
+        while True:
+            before = _identities(paths)
+            self.verified_hashes(paths)
+            try:
+                loaded = load()
+            except OvmlError:  # e.g. a config of the old adapter beside the weights of the new one
+                if _identities(paths) == before:
+                    raise
+                continue
+            if _identities(paths) == before:
+                return loaded
 
     def require(self, rel: str, produced_by: str) -> Path:
         """An upstream artifact, or a one-line error naming the stage that makes it."""
@@ -113,6 +163,19 @@ class RunDir:
                 f"{path} is missing; run `ovml {produced_by.replace('_', '-')} --run-dir {self.path}` first"
             )
         return path
+
+
+def _identities(paths: list[Path]) -> list[tuple[int, int, int] | None]:
+    """(inode, size, mtime) per path: a commit's swap gives a path another inode."""
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return out
 
 
 def files_under(root: Path, rels: list[str]) -> list[Path]:
@@ -181,26 +244,31 @@ class Staging:
 
     def start(self, attempt: str) -> None:
         """A fresh staging area; what an attempt with another key left unfinished is dropped."""
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
+        self.drop()
         self.out.mkdir(parents=True)
         atomic.write_json(self.dir / "attempt.json", {"attempt": attempt})
+
+    def drop(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
 
     def commit(self, run_dir: RunDir, stage: str, outputs: list[str], record: dict[str, Any]) -> None:
         inodes = {rel: (self.out / rel).stat().st_ino if (self.out / rel).exists() else None for rel in outputs}
         atomic.write_json(self.dir / "commit.json", {"record": record, "inodes": inodes})
         self.finish_commit(run_dir, stage)
 
-    def finish_commit(self, run_dir: RunDir, stage: str) -> None:
-        """Swap in each staged output not swapped yet, record the stage, drop the old outputs; idempotent."""
+    def finish_commit(self, run_dir: RunDir, stage: str) -> bool:
+        """Swap in each staged output not swapped yet, record the stage, drop the old outputs; idempotent.
+        True when there was a commit to finish."""
         file = self.dir / "commit.json"
         if not file.exists():
-            return
+            return False
         commit = json.loads(file.read_text(encoding="utf-8"))
         for rel, inode in commit["inodes"].items():
             self._swap(rel, inode)
         run_dir._put_record(stage, commit["record"])
         shutil.rmtree(self.dir)
+        return True
 
     def _swap(self, rel: str, inode: int | None) -> None:
         target, staged = self.root / rel, self.out / rel
@@ -242,27 +310,35 @@ def run_stage(
     `outputs` are paths relative to the run dir (files or folders) that this stage alone writes; the body
     writes them under `out` (same relative paths) and they replace the old ones only once it returns.
     `resume` is True when a killed attempt with the same `attempt` key (default: the fingerprint) left
-    work in `out` to keep.
+    work in `out` to keep; a forced run starts from nothing, and what a killed forced attempt staged is dropped
+    by the next run of the stage (it built from nothing too, so no plain run may take it for its own work).
+    Paths in the summary that point into `out` are reported where the outputs end up.
     """
     with lock_run_dir(run_dir.path, f"ovml {stage.replace('_', '-')}"):
         root = run_dir.path
         staging = Staging(root, stage)
-        staging.finish_commit(run_dir, stage)
+        completed = staging.finish_commit(run_dir, stage)
+        if (staging.attempt() or "").startswith(FORCED):
+            staging.drop()
         input_hashes = run_dir.verified_hashes(inputs)
         fp = fingerprint(params, input_hashes)
         record = run_dir.stage_record(stage)
         reason = "forced with --force" if force else _why_run(record, params, input_hashes, fp, root)
+        if reason is None and completed:
+            return StageOutcome(stage, "ran", "completed the interrupted commit of an earlier run", 0.0,
+                                record.get("summary", {}))
         if reason is None:
             return StageOutcome(stage, "skipped", "up to date", 0.0, record.get("summary", {}))
-        resume = not force and staging.attempt() == (attempt or fp)
+        key = (FORCED if force else "") + (attempt or fp)
+        resume = not force and staging.attempt() == key
         if resume:
             reason = f"resuming an interrupted run ({reason})"
             atomic.remove_stale_temps(staging.out)
         else:
-            staging.start(attempt or fp)
+            staging.start(key)
         started = _now()
         t0 = time.perf_counter()
-        summary = body(staging.out, resume)
+        summary = _committed_paths(body(staging.out, resume), str(staging.out), str(root))
         seconds = time.perf_counter() - t0
         staging.commit(run_dir, stage, outputs, {
             "status": "finished",
@@ -278,6 +354,17 @@ def run_stage(
             "summary": summary,
         })
         return StageOutcome(stage, "ran", reason, seconds, summary)
+
+
+def _committed_paths(value: Any, staged: str, root: str) -> Any:
+    """`value` with every path under the staging folder `staged` rewritten to its committed place under `root`."""
+    if isinstance(value, dict):
+        return {k: _committed_paths(v, staged, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_committed_paths(v, staged, root) for v in value]
+    if isinstance(value, str) and (value == staged or value.startswith(staged + os.sep)):
+        return root + value[len(staged):]
+    return value
 
 
 _held: dict[Path, tuple[int, int]] = {}  # resolved run dir -> (fd, depth): re-entrant within one process

@@ -1,13 +1,15 @@
 """embed-images: CLIP image embeddings of a dataset -> images/<dataset>/ (FAISS index + items).
 
 Each batch lands in its own chunk file under images/<dataset>/chunks/ as soon as it is embedded, so a
-killed run loses at most one batch; the last step assembles the cache and drops the chunks.
+killed run loses at most one batch; the last step assembles the cache and drops the chunks. A run in which no
+image could be read fails instead, and the cache it would have replaced stays.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import image_cache
-from ovml.pipeline.clip import load_clip
+from ovml.pipeline.clip import check_clip, load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import Dataset, Record, read_dataset
 from ovml.pipeline.errors import OvmlError
@@ -59,7 +61,9 @@ class EmbedImagesConfig:
     force: bool = not_fingerprinted(False)
 
 
-def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
+def check(cfg: EmbedImagesConfig) -> Dataset:
+    """The settings, the dataset's annotations and the CLIP spec, before anything runs (`ovml run` checks every
+    stage's before the first). Returns the dataset read."""
     if cfg.limit is not None and cfg.limit < 1:
         raise OvmlError(f"--limit must be at least 1, got {cfg.limit}")
     if cfg.batch_size < 1 or cfg.workers < 0:
@@ -67,14 +71,20 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     check_engine(cfg.engine, cfg.ray_actors)
     if cfg.local and cfg.engine == "ray":
         raise OvmlError("--local (patch features) runs on the local engine only for now; drop --engine ray")
+    if cfg.local_store not in PATCH_STORES:
+        raise OvmlError(f"--local-store must be one of {', '.join(PATCH_STORES)}, got '{cfg.local_store}'")
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
+    check_clip(cfg.clip, cfg.device)
+    return dataset
+
+
+def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
+    dataset = check(cfg)
     run_dir = RunDir(cfg.run_dir)
     params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
-    if cfg.local_store not in PATCH_STORES:
-        raise OvmlError(f"--local-store must be one of {', '.join(PATCH_STORES)}, got '{cfg.local_store}'")
     if not cfg.local:  # caches made before --local existed keep their fingerprint: no re-embedding
         del params["local"], params["local_store"]
     output = image_cache(dataset.name)
@@ -116,6 +126,11 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
         raise RuntimeError(f"chunks under {chunks} do not cover rows 0..{len(records) - 1} exactly once")
     ok = table.filter(pc.is_null(table["error"]))
     failed = table.filter(pc.is_valid(table["error"]))
+    if not ok.num_rows:  # an empty cache would replace a working one; the chunks go, so a re-run reads anew
+        shutil.rmtree(chunks)
+        raise OvmlError(f"none of the {len(records)} images of {dataset.name} under {dataset.root} could be read "
+                        f"(first: {records[failed['row'][0].as_py()].path}: {failed['error'][0].as_py()}); "
+                        f"the previous cache is kept; check --root and the image files")
     vectors = embedding_matrix(ok["embedding"])
     kept = [records[row] for row in ok["row"].to_pylist()]
     if cfg.local:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, TEXT_EMB, TRAIN_LABELS, VOCABULARY, caption_parts
-from ovml.pipeline.clip import autocast_dtype, load_clip, pick_device
+from ovml.pipeline.clip import autocast_dtype, check_clip, load_clip, pick_device
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
@@ -42,8 +42,20 @@ class EmbedTextConfig:
     force: bool = not_fingerprinted(False)
 
 
+def check(cfg: EmbedTextConfig) -> None:
+    """The settings and the CLIP spec, before anything runs (`ovml run` checks every stage's before the first)."""
+    if cfg.batch_size < 1:
+        raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
+    check_engine(cfg.engine, cfg.ray_actors)
+    if cfg.local and cfg.engine == "ray":
+        raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
+    autocast_dtype(cfg.precision, pick_device(cfg.device))
+    check_clip(cfg.clip, cfg.device)
+
+
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     """One text_emb part per captions part (same name), then the training vocabulary's label embeddings."""
+    check(cfg)
     run_dir = RunDir(cfg.run_dir)
     captions_dir = run_dir.require(CAPTIONS, produced_by="generate_text")
     parts = caption_parts(run_dir.path)
@@ -51,12 +63,6 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
     labels = read_vocabulary_json(run_dir.require(VOCABULARY, produced_by="generate_text"))
-    if cfg.batch_size < 1:
-        raise OvmlError(f"batch size must be at least 1, got {cfg.batch_size}")
-    check_engine(cfg.engine, cfg.ray_actors)
-    if cfg.local and cfg.engine == "ray":
-        raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
-    autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
     params = as_params(cfg)
     if not cfg.local:
         del params["local"]  # text_emb/ made before --local existed keeps its fingerprint: no re-embedding

@@ -31,7 +31,7 @@ import torch
 from ovml.pipeline import atomic
 from ovml.pipeline.adapter import LOCAL_WEIGHT, Adapter, AdapterConfig, fuse_local, load_adapter, pool_tokens
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
-from ovml.pipeline.clip import load_clip
+from ovml.pipeline.clip import check_clip, load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
@@ -67,7 +67,8 @@ class EvalConfig:
     force: bool = not_fingerprinted(False)
 
 
-def evaluate(cfg: EvalConfig) -> StageOutcome:
+def check(cfg: EvalConfig) -> None:
+    """The settings and the CLIP spec, before anything runs (`ovml run` checks every stage's before the first)."""
     if cfg.dataset not in DATASETS:
         raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(DATASETS)}")
     if cfg.save_scores not in ("top", "all"):
@@ -76,6 +77,11 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
     if not 0 <= cfg.local_weight <= 1 or cfg.local_top_k < 1:
         raise OvmlError(f"--local-weight must be in [0, 1] and --local-top-k at least 1, got {cfg.local_weight} "
                         f"and {cfg.local_top_k}")
+    check_clip(cfg.clip, cfg.device)
+
+
+def evaluate(cfg: EvalConfig) -> StageOutcome:
+    check(cfg)
     run_dir = RunDir(cfg.run_dir)
     cache = image_cache(cfg.dataset)
     if not (run_dir / cache / "dataset.json").is_file():

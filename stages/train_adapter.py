@@ -85,7 +85,7 @@ class TrainingData:
 
 
 def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
-    _check(cfg)
+    check(cfg)
     run_dir = RunDir(cfg.run_dir)
     run_dir.require(VOCABULARY, produced_by="generate_text")
     run_dir.require(TEXT_EMB, produced_by="embed_text")
@@ -108,8 +108,9 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
                      force=cfg.force, models={"clip": cfg.clip})
 
 
-def _check(cfg: TrainAdapterConfig) -> None:
-    """Every setting is checked before the stage touches anything, so a typo never costs the old adapter."""
+def check(cfg: TrainAdapterConfig) -> None:
+    """Every setting is checked before the stage touches anything, so a typo never costs the old adapter (and
+    `ovml run` checks every stage's before the first runs). Not the CLIP spec: this stage never imports open_clip."""
     for name in ("noise", "alpha", "scale", "lr", "weight_decay", "warmup_epochs"):
         if not math.isfinite(getattr(cfg, name)):
             raise OvmlError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
