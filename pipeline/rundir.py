@@ -140,12 +140,13 @@ class RunDir:
             time.sleep(0.02)
         return pending or self.manifest() != manifest_read
 
-    def verified_load(self, paths: list[Path], load: Callable[[], Any]) -> Any:
-        """`load()` of files verified against the manifest, for readers that take no lock: run again when a
-        commit swapped any of them in between, so what is loaded is what was verified (old or new, not a mix)."""
+    def verified_load(self, paths: list[Path], load: Callable[[], Any]) -> tuple[Any, dict[str, str]]:
+        """(`load()`, sha256 of each file) for readers that take no lock: the files are verified against the
+        manifest, and loaded again when a commit swapped any of them in between, so what is loaded is what was
+        verified (the old outputs or the new ones, never a mix)."""
         while True:
             before = _identities(paths)
-            self.verified_hashes(paths)
+            hashes = self.verified_hashes(paths)
             try:
                 loaded = load()
             except OvmlError:  # e.g. a config of the old adapter beside the weights of the new one
@@ -153,7 +154,7 @@ class RunDir:
                     raise
                 continue
             if _identities(paths) == before:
-                return loaded
+                return loaded, hashes
 
     def require(self, rel: str, produced_by: str) -> Path:
         """An upstream artifact, or a one-line error naming the stage that makes it."""

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ovml.pipeline.adapter import load_adapter
-from ovml.pipeline.artifacts import ADAPTER, ADAPTER_WEIGHTS, image_cache, search_cache
+from ovml.pipeline.artifacts import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, image_cache, search_cache
 from ovml.pipeline.atomic import sha256_file
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.errors import OvmlError
@@ -67,12 +67,14 @@ def search(cfg: SearchConfig) -> dict:
         run_dir.require(ADAPTER, produced_by="train_adapter")
     encoder = load_clip(cfg.clip, cfg.device)
     if cfg.zero_shot:
-        method, templates, adapter = "zero-shot", "pool", None
-    else:
-        adapter, adapter_config = load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
-        method, templates = "adapter", adapter_config.label_templates
+        method, templates, adapter, adapter_sha = "zero-shot", "pool", None, ""
+    else:  # verified, and the adapter verified is the one loaded even when train-adapter commits meanwhile
+        (adapter, adapter_config), hashes = run_dir.verified_load(
+            [p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()],
+            lambda: load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim))
+        method, templates, adapter_sha = "adapter", adapter_config.label_templates, hashes[ADAPTER_WEIGHTS]
     query_emb = label_embeddings(encoder, [query], templates)
-    index = _index(run_dir, cfg, adapter)
+    index = _index(run_dir, cfg, adapter, adapter_sha)
     if cfg.index == "ivf":
         index.nprobe = cfg.nprobe
     similarity, rows = index.search(query_emb, cfg.top)
@@ -88,7 +90,7 @@ def search(cfg: SearchConfig) -> dict:
                         for rank, (item, score) in enumerate(zip(items, similarity, strict=True), start=1)]}
 
 
-def _index(run_dir: RunDir, cfg: SearchConfig, adapter) -> faiss.Index:
+def _index(run_dir: RunDir, cfg: SearchConfig, adapter, adapter_sha: str) -> faiss.Index:
     """The FAISS index to search: the image cache's own for flat zero-shot, else one built once and kept in
     cache/search/<dataset>/, named by the sha256 of what it was built from (so a new adapter or a new image
     cache makes a new index, and the stale one is deleted)."""
@@ -96,8 +98,7 @@ def _index(run_dir: RunDir, cfg: SearchConfig, adapter) -> faiss.Index:
     if adapter is None and cfg.index == "flat":
         return load_index(images)
     method = "zero-shot" if adapter is None else "adapter"
-    sources = [images] + ([] if adapter is None else [run_dir / ADAPTER_WEIGHTS])
-    key = hashlib.sha256("".join(sha256_file(p) for p in sources).encode()).hexdigest()[:16]
+    key = hashlib.sha256((sha256_file(images) + adapter_sha).encode()).hexdigest()[:16]
     directory = run_dir / search_cache(cfg.dataset)
     path = directory / f"{method}-{cfg.index}-{key}.faiss"
     if path.is_file():

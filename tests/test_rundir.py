@@ -293,7 +293,9 @@ def test_a_load_that_a_commit_overtook_is_done_again_on_the_files_verified(tmp_p
         loads.append((tmp_path / "out/result.txt").read_text())
         return loads[-1]
 
-    assert rd.verified_load([tmp_path / "out/result.txt"], load) == "{'v': 2}" and len(loads) == 2
+    loaded, hashes = rd.verified_load([tmp_path / "out/result.txt"], load)
+    assert loaded == "{'v': 2}" and len(loads) == 2
+    assert hashes == {"out/result.txt": rd.stage_record("demo")["outputs"]["out/result.txt"]}
 
 
 def test_a_commit_killed_half_way_is_named_to_a_reader_with_the_command_that_completes_it(tmp_path, monkeypatch):
