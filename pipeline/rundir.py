@@ -123,8 +123,8 @@ class RunDir:
             rel, stage = wrong[0]
             command = f"ovml {stage_command(stage)}"
             if (Staging(self.path, stage).dir / "commit.json").exists():
-                raise OvmlError(f"{self.path / rel} comes from a commit of `{command}` that was interrupted; "
-                                f"run `{command} --run-dir {self.path}` to complete it")
+                raise OvmlError(f"{self.path / rel} comes from a commit of `{command} --run-dir {self.path}` that "
+                                f"was interrupted; run that command again to complete it")
             raise OvmlError(f"{self.path / rel} is not the file `{command}` wrote (its sha256 differs from "
                             f"manifest.json: damaged or edited); remake it with `{command} --force --run-dir "
                             f"{self.path}`")

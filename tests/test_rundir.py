@@ -306,6 +306,6 @@ def test_a_commit_killed_half_way_is_named_to_a_reader_with_the_command_that_com
         with pytest.raises(KeyboardInterrupt):
             run_once(rd, [], params={"v": 2})
     monkeypatch.setattr(rundir, "COMMIT_WAIT", 0.2)
-    with pytest.raises(OvmlError, match=r"out/result.txt comes from a commit of `ovml demo` that was interrupted; "
-                                        r"run `ovml demo --run-dir .*` to complete it"):
+    with pytest.raises(OvmlError, match=r"out/result.txt comes from a commit of `ovml demo --run-dir .*` that was "
+                                        r"interrupted; run that command again to complete it"):
         rd.verified_hashes([tmp_path / "out/result.txt"])
