@@ -13,8 +13,10 @@ missing), then the manifest record is written and the old outputs deleted. A com
 finished by the next run_stage call of that stage (commit.json and the staged inodes say what is done).
 Until then the previous outputs and their manifest record stay in place and usable.
 
-The attempt key says how the staged outputs were made, forced or not: a forced attempt starts from nothing,
-so its staging is never resumed (nor mistaken for a plain attempt's); the next run of the stage drops it.
+An attempt keyed by the fingerprint is the same work forced or not. A stage that keys its attempts itself
+(generate-text: by recipe and shard, so a top-up resumes whatever --per-label says) gets a forced attempt's key
+marked: that staging was built from nothing, so it is never resumed (nor taken for a plain attempt's), and the
+next run of the stage drops it, even one that finds the stage up to date.
 Readers that take no lock (predict, search) may meet a commit between its swap and its manifest write: a
 mismatch is checked again once that commit is done (verified_hashes), and what they load is checked to be the
 very files they verified (verified_load), so they see the old outputs or the new ones, never a mix.
@@ -44,7 +46,7 @@ from ovml.pipeline.errors import OvmlError, RunDirLocked
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".staging"
-FORCED = "forced "  # prefix of a forced attempt's key: such staging is never resumed
+FORCED = "forced "  # prefix of a forced attempt's stage-given key: such staging is never resumed
 COMMIT_WAIT = 5.0  # seconds a lock-free reader waits for a commit in progress before calling a mismatch damage
 
 
@@ -311,8 +313,8 @@ def run_stage(
     `outputs` are paths relative to the run dir (files or folders) that this stage alone writes; the body
     writes them under `out` (same relative paths) and they replace the old ones only once it returns.
     `resume` is True when a killed attempt with the same `attempt` key (default: the fingerprint) left
-    work in `out` to keep; a forced run starts from nothing, and what a killed forced attempt staged is dropped
-    by the next run of the stage (it built from nothing too, so no plain run may take it for its own work).
+    work in `out` to keep; a forced run starts from nothing, and what a killed forced attempt with a stage-given
+    key staged is dropped by the next run of the stage (it built from nothing too: no plain run may take it).
     Paths in the summary that point into `out` are reported where the outputs end up.
     """
     with lock_run_dir(run_dir.path, f"ovml {stage.replace('_', '-')}"):
@@ -330,7 +332,7 @@ def run_stage(
                                 record.get("summary", {}))
         if reason is None:
             return StageOutcome(stage, "skipped", "up to date", 0.0, record.get("summary", {}))
-        key = (FORCED if force else "") + (attempt or fp)
+        key = (FORCED if force and attempt else "") + (attempt or fp)
         resume = not force and staging.attempt() == key
         if resume:
             reason = f"resuming an interrupted run ({reason})"

@@ -224,17 +224,22 @@ def dies_after_one_part(out, resume):
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("params, status", [({"p": 1}, "skipped"), ({"p": 2}, "ran")])
-def test_what_a_killed_forced_attempt_staged_is_never_taken_up_by_a_plain_run(tmp_path, params, status):
-    rd, seen = RunDir(tmp_path), []
-    run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"], attempt="pool",
+@pytest.mark.parametrize("attempt, forced, plain, status, seen", [
+    ("pool", {"p": 1}, {"p": 1}, "skipped", []),  # a stage-keyed forced attempt: dropped by a run that skips
+    ("pool", {"p": 1}, {"p": 2}, "ran", [(False, False)]),  # and never taken up by a run that must run
+    (None, {"p": 2}, {"p": 2}, "ran", [(True, True)]),  # keyed by the fingerprint: the same work, resumed
+])
+def test_what_a_killed_forced_attempt_staged_is_never_taken_up_by_a_plain_run(tmp_path, attempt, forced, plain,
+                                                                              status, seen):
+    rd, calls = RunDir(tmp_path), []
+    run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"], attempt=attempt,
               body=lambda out, resume: atomic.write_text(out / "out/part-0.txt", "the pool") or {})
     with pytest.raises(KeyboardInterrupt):
-        run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"], attempt="pool", force=True,
+        run_stage(rd, "demo", params=forced, inputs=[], outputs=["out"], attempt=attempt, force=True,
                   body=dies_after_one_part)
-    outcome = run_stage(rd, "demo", params=params, inputs=[], outputs=["out"], attempt="pool",
-                        body=lambda out, resume: seen.append((resume, (out / "out/part-0.txt").exists())) or {})
-    assert outcome.status == status and seen == ([] if status == "skipped" else [(False, False)])
+    outcome = run_stage(rd, "demo", params=plain, inputs=[], outputs=["out"], attempt=attempt,
+                        body=lambda out, resume: calls.append((resume, (out / "out/part-0.txt").exists())) or {})
+    assert outcome.status == status and calls == seen
     assert not (tmp_path / ".staging" / "demo").exists()
 
 
