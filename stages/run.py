@@ -78,15 +78,15 @@ def run_command(config_path: Path | None, run_dir: Path | None, json_out: bool) 
                 summary["exit_code"] = run(cfg, config_path, summary, console)
             except OvmlError as e:
                 _refused(summary, e.exit_code, str(e))
-            except OSError as e:  # the run directory itself cannot be locked or logged to
-                if environment_error(e) is None:
-                    raise
-                _refused(summary, 2, f"{environment_error(e)} (traceback in {write_traceback(_run_dir(summary))})")
             except Stopped as e:
                 _stopped(summary, e)
-            except Exception as e:  # noqa: BLE001 - a bug outside the stages: traceback to a log, one line here
-                _refused(summary, EXIT_STAGE_FAILED, f"ovml run crashed: {type(e).__name__}: {e} "
-                                                     f"(traceback in {write_traceback(_run_dir(summary))})")
+            except Exception as e:  # noqa: BLE001 - one line here, the traceback to a log
+                error = environment_error(e) if isinstance(e, OSError) else None  # e.g. a full disk at the lock
+                if error is not None:
+                    _refused(summary, error.exit_code, f"{error} (traceback in {write_traceback(_run_dir(summary))})")
+                else:  # a bug outside the stages
+                    _refused(summary, EXIT_STAGE_FAILED, f"ovml run crashed: {type(e).__name__}: {e} "
+                                                         f"(traceback in {write_traceback(_run_dir(summary))})")
         except Stopped as e:  # arrived while an error above was being reported
             _stopped(summary, e)
         if json_out:
