@@ -49,8 +49,8 @@ def test_a_locked_run_directory_exits_75_with_a_json_line(tmp_path):
 def test_failing_stage_exits_1_with_a_json_summary_and_a_log(tmp_path):
     (tmp_path / "labels.txt").write_text("cat\ndog\n")
     config = tmp_path / "ovml.toml"
-    config.write_text(f'run_dir = "{tmp_path / "run"}"\n[generate_text]\nlabels = "{tmp_path / "labels.txt"}"\n'
-                      'backend = "vllm"\nmodel = "some/model"\n')  # no vLLM here: the stage fails when it starts
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\nclip = "ViT-B-32:random"\n[generate_text]\n'
+                      f'labels = "{tmp_path / "labels.txt"}"\nbackend = "vllm"\nmodel = "some/model"\n')  # no vLLM
     result = run(config)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 1 and summary["exit_code"] == 1
@@ -156,17 +156,19 @@ def test_sigterm_during_a_real_stage_leaves_the_summary_line_and_the_staging_to_
     silent.listen()
     (tmp_path / "labels.txt").write_text("cat\ndog\n")
     config = tmp_path / "ovml.toml"
-    config.write_text(f'run_dir = "{tmp_path / "run"}"\n[generate_text]\nlabels = "{tmp_path / "labels.txt"}"\n'
-                      f'backend = "openai"\nmodel = "m"\nbase_url = "http://127.0.0.1:{silent.getsockname()[1]}/v1"\n')
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\nclip = "ViT-B-32:random"\n[generate_text]\n'
+                      f'labels = "{tmp_path / "labels.txt"}"\nbackend = "openai"\nmodel = "m"\n'
+                      f'base_url = "http://127.0.0.1:{silent.getsockname()[1]}/v1"\n')
     started = subprocess.Popen([*OVML, "run", "--config", str(config), "--json"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # imports take a while on a loaded machine
         while not (tmp_path / "run" / ".staging" / "generate_text").exists() and time.monotonic() < deadline:
+            assert started.poll() is None, started.communicate()
             time.sleep(0.1)
         time.sleep(0.5)
         started.send_signal(signal.SIGTERM)
-        stdout, stderr = started.communicate(timeout=60)
+        stdout, stderr = started.communicate(timeout=300)
     finally:
         started.kill()
         silent.close()
