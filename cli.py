@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import sys
 import types
 import typing
@@ -19,7 +18,7 @@ from rich.markup import escape
 
 from ovml.pipeline.config import build_config, read_config_file
 from ovml.pipeline.errors import OvmlError, environment_error
-from ovml.pipeline.settings import STAGES, RunConfig, Stage
+from ovml.pipeline.settings import STAGES, Stage
 
 app = typer.Typer(
     name="ovml",
@@ -145,28 +144,10 @@ def _stage_command(stage: Stage, options: dict[str, Any], json_out: bool) -> Non
 
 
 def _run_command(stage: Stage, options: dict[str, Any], json_out: bool) -> None:
-    from ovml.stages.run import run
 
-    config_path = options.pop("config", None)
-    run_dir = options["run_dir"]
-    try:
-        cfg = build_config(RunConfig, "run", read_config_file(config_path), {"run_dir": run_dir, "json": json_out},
-                           source=str(config_path or "config"))
-        try:
-            code = run(cfg, config_path)
-        except OSError as e:  # the run directory itself cannot be locked or logged to
-            from ovml.pipeline.logs import write_traceback
+    from ovml.stages.run import run_command  # light: the stages are imported once the lock is held
 
-            if environment_error(e) is None:
-                raise
-            raise OvmlError(f"{environment_error(e)} (traceback in {write_traceback(cfg.run_dir)})") from None
-    except OvmlError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        if json_out:  # cron parses one JSON line on every exit, a refused start included
-            print(json.dumps({"run_dir": str(run_dir) if run_dir else None, "exit_code": e.exit_code,
-                              "error": str(e), "stages": []}))
-        raise typer.Exit(e.exit_code) from None
-    raise typer.Exit(code)
+    raise typer.Exit(run_command(options.pop("config", None), options["run_dir"], json_out))
 
 
 for _stage in STAGES:

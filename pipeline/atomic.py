@@ -11,11 +11,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from ovml.pipeline.errors import OvmlError
+
+if TYPE_CHECKING:  # pyarrow is imported where it is used: `ovml run` takes its lock before paying for it
+    import pyarrow as pa
 
 
 def fsync_dir(directory: Path) -> None:
@@ -70,12 +71,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
+    import pyarrow.parquet as pq
+
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
 def read_parquet(path: str | os.PathLike, remake: str, columns: list[str] | None = None) -> pa.Table:
     """The table, or a one-line error naming the damaged file and `remake`, the command that rebuilds it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:

@@ -8,6 +8,7 @@ same cost as the real model, meaningless as accuracy; for tests, benchmarks and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -334,33 +335,68 @@ def _normalise(features: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(features, dim=-1).cpu().numpy().astype(np.float32, copy=False)
 
 
-@functools.lru_cache(maxsize=2)
-def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
+def check_clip(spec: str, device: str = "auto") -> ClipSpec:
+    """What load_clip would refuse, found without loading a model (so `ovml run` can check it before the first
+    stage): the spec's form, the architecture, the checkpoint file or the pretrained tag, and the device."""
     parsed = ClipSpec.parse(spec)
-    device = pick_device(device)
+    pick_device(device)
     if parsed.arch not in open_clip.list_models():
         raise OvmlError(
             f"unknown CLIP architecture '{parsed.arch}' in '{spec}'; see `python -c \"import open_clip; "
             "print(open_clip.list_models())\"` for the names open_clip knows"
         )
-    random_weights, description = parsed.pretrained == RANDOM, None
+    if parsed.pretrained == RANDOM:
+        return parsed
+    if parsed.is_path:
+        input_file(parsed.pretrained, "CLIP checkpoint", f"check the path in '{spec}'")
+        checkpoint_metadata(parsed.pretrained)  # a damaged header is one line here too
+    elif not open_clip.get_pretrained_cfg(parsed.arch, parsed.pretrained):
+        tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == parsed.arch) or "none"
+        raise OvmlError(
+            f"'{parsed.pretrained}' is not a pretrained tag of {parsed.arch} (known: {tags}); "
+            f"or pass a local checkpoint as {parsed.arch}:/path/to/checkpoint"
+        )
+    elif not _hub_reachable():  # offline: the weights must already be in the local cache
+        try:
+            with _offline():
+                open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(parsed.arch, parsed.pretrained))
+        except Exception as e:  # noqa: BLE001 - whatever the hub client raises for a file it does not have
+            raise _weights_unavailable(spec, parsed, e) from None
+    return parsed
+
+
+def _weights_unavailable(spec: str, parsed: ClipSpec, e: Exception) -> OvmlError:
+    return OvmlError(
+        f"CLIP weights for '{spec}' are not available ({type(e).__name__}); on a machine without the "
+        f"model hub pass a local checkpoint instead: --clip {parsed.arch}:/path/to/open_clip_model.safetensors"
+    )
+
+
+@contextlib.contextmanager
+def _offline():
+    """The Hugging Face client in cache-only mode for this call only (the process keeps its own setting)."""
+    from huggingface_hub import constants
+
+    was_offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was_offline
+
+
+@functools.lru_cache(maxsize=2)
+def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
+    parsed = check_clip(spec, device)
+    device = pick_device(device)
+    random_weights, description, pretrained = parsed.pretrained == RANDOM, None, parsed.pretrained
     if random_weights:
         torch.manual_seed(RANDOM_SEED)
         pretrained = None
     elif parsed.is_path:
-        input_file(parsed.pretrained, "CLIP checkpoint", f"check the path in '{spec}'")
-        pretrained = parsed.pretrained
         metadata = checkpoint_metadata(pretrained)
         random_weights = metadata.get("random_weights") is True
         description = metadata.get("description")
-    else:
-        if not open_clip.get_pretrained_cfg(parsed.arch, parsed.pretrained):
-            tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == parsed.arch) or "none"
-            raise OvmlError(
-                f"'{parsed.pretrained}' is not a pretrained tag of {parsed.arch} (known: {tags}); "
-                f"or pass a local checkpoint as {parsed.arch}:/path/to/checkpoint"
-            )
-        pretrained = parsed.pretrained
     try:
         model, _, preprocess = _create(parsed.arch, pretrained, device)
     except OvmlError:
@@ -369,27 +405,21 @@ def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         if parsed.is_path:
             raise OvmlError(f"cannot load CLIP checkpoint {parsed.pretrained} as {parsed.arch}: {first}") from None
-        raise OvmlError(
-            f"CLIP weights for '{spec}' are not available ({type(e).__name__}); on a machine without the "
-            f"model hub pass a local checkpoint instead: --clip {parsed.arch}:/path/to/open_clip_model.safetensors"
-        ) from None
+        raise _weights_unavailable(spec, parsed, e) from None
     return ClipEncoder(parsed, model, preprocess, open_clip.get_tokenizer(parsed.arch), device, random_weights,
                        description)
 
 
 def _create(arch: str, pretrained: str | None, device: str):
     """open_clip's loader, quiet, and cache-only when the hub cannot be reached (instead of ~45 s of retries)."""
-    from huggingface_hub import constants
-
-    was_offline = constants.HF_HUB_OFFLINE
-    if pretrained and not Path(pretrained).is_file() and not _hub_reachable():
-        constants.HF_HUB_OFFLINE = True  # for this call only: restored below, the process keeps its setting
+    offline = pretrained and not Path(pretrained).is_file() and not _hub_reachable()
     logging.disable(logging.ERROR)
     try:
-        return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device, weights_only=True)
+        with _offline() if offline else contextlib.nullcontext():
+            return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device,
+                                                         weights_only=True)
     finally:
         logging.disable(logging.NOTSET)
-        constants.HF_HUB_OFFLINE = was_offline
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

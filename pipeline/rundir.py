@@ -12,6 +12,14 @@ record) is written, each staged output is swapped with the old one in one rename
 missing), then the manifest record is written and the old outputs deleted. A commit killed half-way is
 finished by the next run_stage call of that stage (commit.json and the staged inodes say what is done).
 Until then the previous outputs and their manifest record stay in place and usable.
+
+An attempt keyed by the fingerprint is the same work forced or not. A stage that keys its attempts itself
+(generate-text: by recipe and shard, so a top-up resumes whatever --per-label says) gets a forced attempt's key
+marked: that staging was built from nothing, so it is never resumed (nor taken for a plain attempt's), and the
+next run of the stage drops it, even one that finds the stage up to date.
+Readers that take no lock (predict, search) may meet a commit between its swap and its manifest write: a
+mismatch is checked again once that commit is done (verified_hashes), and what they load is checked to be the
+very files they verified (verified_load), so they see the old outputs or the new ones, never a mix.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from ovml.pipeline.settings import DEFAULT_CLIP
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".staging"
+FORCED = "forced "  # prefix of a forced attempt's stage-given key: such staging is never resumed
+COMMIT_WAIT = 5.0  # seconds a lock-free reader waits for a commit in progress before calling a mismatch damage
 
 
 @dataclass
@@ -124,16 +134,59 @@ class RunDir:
 
     def verified_hashes(self, paths: list[Path]) -> dict[str, str]:
         """sha256 of each file, checked against the hash its producer recorded (files no stage recorded,
-        e.g. a labels file outside the run dir, are only hashed); one line naming the remaking command."""
-        recorded = {rel: (stage, digest) for stage, record in self.manifest()["stages"].items()
-                    if record.get("status") == "finished" for rel, digest in record.get("outputs", {}).items()}
-        hashes = hash_files(self.path, paths)
-        for rel, digest in hashes.items():
-            stage, expected = recorded.get(rel, (None, digest))
-            if digest != expected:
-                raise OvmlError(f"{self.path / rel} is not the file `ovml {stage_command(stage)}` wrote (its "
-                                f"sha256 differs from manifest.json: damaged or edited); {self._repair(stage, rel)}")
-        return hashes
+        e.g. a labels file outside the run dir, are only hashed); one line naming the remaking command.
+        A mismatch met while another process commits (new files, old manifest) is checked again after it."""
+        deadline = time.monotonic() + COMMIT_WAIT
+        while True:
+            manifest = self.manifest()
+            recorded = {rel: (stage, digest) for stage, record in manifest["stages"].items()
+                        if record.get("status") == "finished" for rel, digest in record.get("outputs", {}).items()}
+            try:
+                hashes = hash_files(self.path, paths)
+            except FileNotFoundError:  # between the two renames of a commit where the filesystem cannot exchange
+                if self._committing(manifest, deadline):
+                    continue
+                raise
+            wrong = [(rel, recorded[rel][0]) for rel, digest in hashes.items()
+                     if recorded.get(rel, (None, digest))[1] != digest]
+            if not wrong:
+                return hashes
+            if self._committing(manifest, deadline):
+                continue
+            rel, stage = wrong[0]
+            command = f"ovml {stage_command(stage)}"
+            if (Staging(self.path, stage).dir / "commit.json").exists():
+                raise OvmlError(f"{self.path / rel} comes from a commit of `{command} --run-dir {self.path}` that "
+                                f"was interrupted; run that command again to complete it")
+            raise OvmlError(f"{self.path / rel} is not the file `{command}` wrote (its sha256 differs from "
+                            f"manifest.json: damaged or edited); {self._repair(stage, rel)}")
+
+    def _committing(self, manifest_read: dict[str, Any], deadline: float) -> bool:
+        """Whether another process may be committing (or has just committed) a stage, so that a mismatch with
+        `manifest_read` is worth checking again; waits a moment first. Never while this process holds the lock."""
+        if self.path.resolve() in _held or time.monotonic() > deadline:
+            return False
+        staging = self.path / STAGING
+        pending = staging.is_dir() and any((d / "commit.json").exists() for d in staging.iterdir())
+        if pending:
+            time.sleep(0.02)
+        return pending or self.manifest() != manifest_read
+
+    def verified_load(self, paths: list[Path], load: Callable[[], Any]) -> tuple[Any, dict[str, str]]:
+        """(`load()`, sha256 of each file) for readers that take no lock: the files are verified against the
+        manifest, and loaded again when a commit swapped any of them in between, so what is loaded is what was
+        verified (the old outputs or the new ones, never a mix)."""
+        while True:
+            before = _identities(paths)
+            hashes = self.verified_hashes(paths)
+            try:
+                loaded = load()
+            except OvmlError:  # e.g. a config of the old adapter beside the weights of the new one
+                if _identities(paths) == before:
+                    raise
+                continue
+            if _identities(paths) == before:
+                return loaded, hashes
 
     def _repair(self, stage: str, rel: str) -> str:
         """What remakes one damaged output and nothing else. --force on generate-text would discard the whole
@@ -159,6 +212,8 @@ def check_same_clip(made_with: str | None, clip: str, what: Path) -> None:
     if made_with is not None and made_with != clip:
         raise OvmlError(f"{what} was made with CLIP '{made_with}', not '{clip}'; leave out --clip to use "
                         f"'{made_with}', or use another --run-dir for '{clip}'")
+
+
 RECORD_FIELDS = {"status": str, "fingerprint": str, "params": dict, "inputs": dict, "outputs": dict,
                  "summary": dict}  # what is read from a stage record, and of what type
 
@@ -168,6 +223,19 @@ def _is_record(record: Any) -> bool:
     return (isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in RECORD_FIELDS.items()
                                              if k in record)
             and all(isinstance(v, str) for field in ("inputs", "outputs") for v in record.get(field, {}).values()))
+
+
+def _identities(paths: list[Path]) -> list[tuple[int, int, int] | None]:
+    """(inode, size, mtime) per path: a commit's swap gives a path another inode."""
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return out
 
 
 def files_under(root: Path, rels: list[str]) -> list[Path]:
@@ -236,21 +304,25 @@ class Staging:
 
     def start(self, attempt: str) -> None:
         """A fresh staging area; what an attempt with another key left unfinished is dropped."""
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
+        self.drop()
         self.out.mkdir(parents=True)
         atomic.write_json(self.dir / "attempt.json", {"attempt": attempt})
+
+    def drop(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
 
     def commit(self, run_dir: RunDir, stage: str, outputs: list[str], record: dict[str, Any]) -> None:
         inodes = {rel: (self.out / rel).stat().st_ino if (self.out / rel).exists() else None for rel in outputs}
         atomic.write_json(self.dir / "commit.json", {"record": record, "inodes": inodes})
         self.finish_commit(run_dir, stage)
 
-    def finish_commit(self, run_dir: RunDir, stage: str) -> None:
-        """Swap in each staged output not swapped yet, record the stage, drop the old outputs; idempotent."""
+    def finish_commit(self, run_dir: RunDir, stage: str) -> bool:
+        """Swap in each staged output not swapped yet, record the stage, drop the old outputs; idempotent.
+        True when there was a commit to finish."""
         file = self.dir / "commit.json"
         if not file.exists():
-            return
+            return False
         try:
             commit = json.loads(file.read_text(encoding="utf-8"))
             valid = _is_record(commit["record"]) and all(
@@ -266,6 +338,7 @@ class Staging:
             self._swap(rel, inode)
         run_dir._put_record(stage, commit["record"])
         shutil.rmtree(self.dir)
+        return True
 
     def _swap(self, rel: str, inode: int | None) -> None:
         target, staged = self.root / rel, self.out / rel
@@ -307,27 +380,35 @@ def run_stage(
     `outputs` are paths relative to the run dir (files or folders) that this stage alone writes; the body
     writes them under `out` (same relative paths) and they replace the old ones only once it returns.
     `resume` is True when a killed attempt with the same `attempt` key (default: the fingerprint) left
-    work in `out` to keep.
+    work in `out` to keep; a forced run starts from nothing, and what a killed forced attempt with a stage-given
+    key staged is dropped by the next run of the stage (it built from nothing too: no plain run may take it).
+    Paths in the summary that point into `out` are reported where the outputs end up.
     """
     with lock_run_dir(run_dir.path, f"ovml {stage.replace('_', '-')}"):
         root = run_dir.path
         staging = Staging(root, stage)
-        staging.finish_commit(run_dir, stage)
+        completed = staging.finish_commit(run_dir, stage)
+        if (staging.attempt() or "").startswith(FORCED):
+            staging.drop()
         input_hashes = run_dir.verified_hashes(inputs)
         fp = fingerprint(params, input_hashes)
         record = run_dir.stage_record(stage)
         reason = "forced with --force" if force else _why_run(record, params, input_hashes, fp, root)
+        if reason is None and completed:
+            return StageOutcome(stage, "ran", "completed the interrupted commit of an earlier run", 0.0,
+                                record.get("summary", {}))
         if reason is None:
             return StageOutcome(stage, "skipped", "up to date", 0.0, record.get("summary", {}))
-        resume = not force and staging.attempt() == (attempt or fp)
+        key = (FORCED if force and attempt else "") + (attempt or fp)
+        resume = not force and staging.attempt() == key
         if resume:
             reason = f"resuming an interrupted run ({reason})"
             atomic.remove_stale_temps(staging.out)
         else:
-            staging.start(attempt or fp)
+            staging.start(key)
         started = _now()
         t0 = time.perf_counter()
-        summary = body(staging.out, resume)
+        summary = _committed_paths(body(staging.out, resume), str(staging.out), str(root))
         seconds = time.perf_counter() - t0
         staging.commit(run_dir, stage, outputs, {
             "status": "finished",
@@ -343,6 +424,17 @@ def run_stage(
             "summary": summary,
         })
         return StageOutcome(stage, "ran", reason, seconds, summary)
+
+
+def _committed_paths(value: Any, staged: str, root: str) -> Any:
+    """`value` with every path under the staging folder `staged` rewritten to its committed place under `root`."""
+    if isinstance(value, dict):
+        return {k: _committed_paths(v, staged, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_committed_paths(v, staged, root) for v in value]
+    if isinstance(value, str) and (value == staged or value.startswith(staged + os.sep)):
+        return root + value[len(staged):]
+    return value
 
 
 _held: dict[Path, tuple[int, int]] = {}  # resolved run dir -> (fd, depth): re-entrant within one process

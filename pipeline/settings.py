@@ -352,10 +352,10 @@ class Stage:
     def section(self) -> str:
         return self.command.replace("-", "_")
 
-    def load(self):
-        """The entry function (importing its module, and torch with it, only now)."""
+    def load(self, name: str | None = None):
+        """The entry function, or another function of its module (importing it, and torch with it, only now)."""
         module, function = self.entry.split(":")
-        return getattr(importlib.import_module(module), function)
+        return getattr(importlib.import_module(module), name or function)
 
 
 STAGES = (

@@ -1,13 +1,15 @@
 """embed-images: CLIP image embeddings of a dataset -> images/<dataset>/ (FAISS index + items).
 
 Each batch lands in its own chunk file under images/<dataset>/chunks/ as soon as it is embedded, so a
-killed run loses at most one batch; the last step assembles the cache and drops the chunks.
+killed run loses at most one batch; the last step assembles the cache and drops the chunks. A run in which no
+image could be read fails instead, and the cache it would have replaced stays.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import image_cache
-from ovml.pipeline.clip import load_clip
+from ovml.pipeline.clip import check_clip, load_clip
 from ovml.pipeline.datasets import Dataset, Record, read_dataset
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import (
@@ -38,7 +40,9 @@ from ovml.pipeline.text_embeddings import embedding_matrix
 CHUNK_COLUMNS = ["row", "error", "embedding"]  # chunks/chunk-<first row>.parquet; error null <-> embedding set
 
 
-def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
+def check(cfg: EmbedImagesConfig) -> Dataset:
+    """The settings, the dataset's annotations and the CLIP spec, before anything runs (`ovml run` checks every
+    stage's before the first). Returns the dataset read."""
     check_settings(cfg)
     check_engine(cfg.engine)
     if cfg.local and cfg.engine == "ray":
@@ -46,6 +50,12 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
+    check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+    return dataset
+
+
+def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
+    dataset = check(cfg)
     run_dir = RunDir(cfg.run_dir)
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     params = {**as_params(cfg), "root": str(dataset.root),
@@ -91,6 +101,11 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
         raise RuntimeError(f"chunks under {chunks} do not cover rows 0..{len(records) - 1} exactly once")
     ok = table.filter(pc.is_null(table["error"]))
     failed = table.filter(pc.is_valid(table["error"]))
+    if not ok.num_rows:  # an empty cache would replace a working one; the chunks go, so a re-run reads anew
+        shutil.rmtree(chunks)
+        raise OvmlError(f"none of the {len(records)} images of {dataset.name} under {dataset.root} could be read "
+                        f"(first: {records[failed['row'][0].as_py()].path}: {failed['error'][0].as_py()}); "
+                        f"the previous cache is kept; check --root and the image files")
     vectors = embedding_matrix(ok["embedding"])
     kept = [records[row] for row in ok["row"].to_pylist()]
     if cfg.local:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, TEXT_EMB, TRAIN_LABELS, VOCABULARY, caption_parts
-from ovml.pipeline.clip import autocast_dtype, load_clip, pick_device
+from ovml.pipeline.clip import autocast_dtype, check_clip, load_clip, pick_device
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
 from ovml.pipeline.progress import progress_bar
@@ -25,9 +25,19 @@ from ovml.pipeline.vocabulary import read_vocabulary_json
 TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a resumed run still totals it
 
 
+def check(cfg: EmbedTextConfig) -> None:
+    """The settings and the CLIP spec, before anything runs (`ovml run` checks every stage's before the first)."""
+    check_settings(cfg)
+    check_engine(cfg.engine)
+    if cfg.local and cfg.engine == "ray":
+        raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
+    autocast_dtype(cfg.precision, pick_device(cfg.device))
+    check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+
+
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     """One text_emb part per captions part (same name), then the training vocabulary's label embeddings."""
-    check_settings(cfg)
+    check(cfg)
     run_dir = RunDir(cfg.run_dir)
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     captions_dir = run_dir.require(CAPTIONS, produced_by="generate_text")
@@ -36,10 +46,6 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
     labels = read_vocabulary_json(run_dir.require(VOCABULARY, produced_by="generate_text"))
-    check_engine(cfg.engine)
-    if cfg.local and cfg.engine == "ray":
-        raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
-    autocast_dtype(cfg.precision, pick_device(cfg.device))  # fail before the stage is recorded as running
     params = as_params(cfg)
     if not cfg.local:
         del params["local"]  # text_emb/ made before --local existed keeps its fingerprint: no re-embedding

@@ -31,7 +31,7 @@ import torch
 from ovml.pipeline import atomic
 from ovml.pipeline.adapter import Adapter, AdapterConfig, fuse_local, load_adapter, pool_tokens
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
-from ovml.pipeline.clip import load_clip
+from ovml.pipeline.clip import check_clip, load_clip
 from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_dataset_info, read_image_cache, read_patches
@@ -55,10 +55,16 @@ LABELS_PER_BLOCK = 256  # scores of [images, block] at a time for AP: 128 MB at 
 TOP_SCORES = 50  # labels per image and method that scores.parquet keeps unless --save-scores all
 
 
-def evaluate(cfg: EvalConfig) -> StageOutcome:
+def check(cfg: EvalConfig) -> None:
+    """The settings and the CLIP spec, before anything runs (`ovml run` checks every stage's before the first)."""
     check_settings(cfg)
     if cfg.dataset not in DATASETS:
         raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(DATASETS)}")
+    check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+
+
+def evaluate(cfg: EvalConfig) -> StageOutcome:
+    check(cfg)
     run_dir = RunDir(cfg.run_dir)
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     cache = image_cache(cfg.dataset)

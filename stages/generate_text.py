@@ -17,7 +17,13 @@ aside, not deleted, in captions/archive/<recipe>/ (never read by later stages; m
 use them). Parts written before recipes were stamped are kept as the current recipe's. How many captions
 (per_label) and who makes them (base_url, concurrency, max_rounds, part_size) are not part of the recipe;
 base_url, concurrency, max_rounds and part_size do not even make the stage run again. Only --force
-deletes captions: it builds a new pool from nothing, which replaces the old one when complete.
+deletes captions: it builds a new pool from nothing, which replaces the old one when complete; a killed
+--force attempt is not resumed (run_stage drops its staging), so a plain run never takes its parts for a top-up.
+
+A part is stamped with the digest of its rows too. Parts copied in from other shards are new names to this
+run directory and count if their rows still match their stamp; a part this run directory's manifest recorded
+must still be the file it recorded. An edited part is damage, never re-recorded as genuine: one line names it,
+and deleting it makes the next run regenerate only its captions.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from ovml.prompts import read_prompt_file
 PROMPTS_FILE = "caption_prompts.json"
 ARCHIVE = "archive"
 RECIPE_KEY = b"ovml.recipe"  # part schema metadata: the recipe hash of the captions in the part
+ROWS_KEY = b"ovml.rows_sha256"  # part schema metadata: the digest of its rows, so an edit shows
 NOT_RECIPE = ("labels", "dataset_root", "cooccurrence", "per_label", "num_shards", "shard_index")
 MIN_WORDS = 3  # "dog beach" is a tag list, not a caption
 MAX_WORDS = 40  # longer answers are rambling past the requested single sentence
@@ -79,8 +86,7 @@ class PlannedPrompt:
 
 
 def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
-    _check(cfg)
-    vocabulary = load_vocabulary(cfg.labels, cfg.dataset_root)
+    vocabulary = check(cfg)
     run_dir = RunDir(cfg.run_dir)
     if cfg.sampling == "similar":  # the only sampler that embeds
         cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
@@ -97,8 +103,9 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
     recipe = _recipe(params, vocabulary, cfg)
 
     def body(out: Path, resume: bool) -> dict:
+        recorded = (run_dir.stage_record("generate_text") or {}).get("outputs", {})
         with ray_session(cfg.ray_address) if cfg.engine == "ray" else contextlib.nullcontext():  # one for all rounds
-            return _generate(cfg, vocabulary, recipe, run_dir / CAPTIONS, out / CAPTIONS)
+            return _generate(cfg, vocabulary, recipe, run_dir / CAPTIONS, out / CAPTIONS, recorded)
 
     # A killed attempt resumes whatever --per-label says now: its parts are of the same recipe and shard.
     attempt = f"{recipe}-{cfg.shard_index}-of-{cfg.num_shards}"
@@ -115,7 +122,9 @@ def _recipe(params: dict, vocabulary: Vocabulary, cfg: GenerateTextConfig) -> st
     return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check(cfg: GenerateTextConfig) -> None:
+def check(cfg: GenerateTextConfig) -> Vocabulary:
+    """The settings, the labels and the files named, before anything runs (`ovml run` checks every stage's before
+    the first); the model is opened, and the longest prompt checked, when the stage starts. Returns the labels."""
     check_settings(cfg)
     if cfg.min_labels > cfg.max_labels:
         raise OvmlError(f"need --min-labels <= --max-labels, got {cfg.min_labels} and {cfg.max_labels}")
@@ -128,6 +137,11 @@ def _check(cfg: GenerateTextConfig) -> None:
         if not cfg.cooccurrence:
             raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE ({tag_file})")
         input_file(cfg.cooccurrence, "--cooccurrence file", f"pass {tag_file}")
+    if cfg.sampling == "similar":
+        from ovml.pipeline.clip import check_clip
+
+        check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+    return load_vocabulary(cfg.labels, cfg.dataset_root)
 
 
 class ShardTally:
@@ -328,17 +342,32 @@ def _generate_part(plan: list[PlannedPrompt], part: int, recipe: str, cfg: Gener
                          "requested": list(prompt.labels), "prompt_id": prompt.prompt_id,
                          "backend": backend.name, "model": backend.model, "seed": prompt.seed})
         on_answer(kept=reason is None)
-    metadata = {RECIPE_KEY: recipe, "ovml.requested": str(len(plan)),
+    table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
+    metadata = {RECIPE_KEY: recipe, ROWS_KEY: _rows_digest(table), "ovml.requested": str(len(plan)),
                 "ovml.asked_mentions": str(sum(len(p.labels) for p in plan)),
                 "ovml.dropped": json.dumps({r: dropped[r] for r in DROP_REASONS})}
-    return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA.with_metadata(metadata))
+    return table.replace_schema_metadata(metadata)
 
 
-def _read_part(path: Path) -> pa.Table:
+def _rows_digest(table: pa.Table) -> str:
+    return hashlib.sha256(json.dumps(table.select(CAPTION_SCHEMA.names).to_pydict(), sort_keys=True,
+                                     ensure_ascii=False).encode()).hexdigest()
+
+
+def _read_part(path: Path, shown: Path | None = None) -> pa.Table:
+    """The part's rows, checked against the digest stamped in it; errors name `shown` (the pool's copy of a
+    staged link) when given."""
     try:
-        return pq.read_table(path)
+        table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise OvmlError(f"{path} is unreadable ({e}); delete it and run again to regenerate it") from None
+        raise OvmlError(f"{shown or path} is unreadable ({e}); delete it and run again to regenerate it") from None
+    stamp = (table.schema.metadata or {}).get(ROWS_KEY)
+    if stamp is not None and (set(CAPTION_SCHEMA.names) - set(table.column_names)
+                              or stamp.decode() != _rows_digest(table)):
+        raise OvmlError(f"{shown or path} was edited after generate-text wrote it (its rows no longer match the digest "
+                        f"stamped in it); restore it, or delete it and run the same command again to regenerate "
+                        f"only its captions (the rest of the pool is kept)")
+    return table
 
 
 def _part_recipe(path: Path) -> str | None:
@@ -347,6 +376,22 @@ def _part_recipe(path: Path) -> str | None:
     except (pa.ArrowInvalid, OSError) as e:
         raise OvmlError(f"{path} is unreadable ({e}); delete it and run again to regenerate it") from None
     return stamp.decode() if stamp else None
+
+
+def _check_recorded(committed: Path, staged: Path, recorded: dict[str, str]) -> None:
+    """Every part the manifest recorded is still the file it recorded (an edit is damage, not new captions); a
+    staged copy of one that is not (an earlier attempt linked it before the edit) is dropped, to be linked anew."""
+    root = committed.parent
+    for rel, digest in recorded.items():
+        if not rel.endswith(".parquet"):
+            continue
+        part, copy = root / rel, staged.parent / rel
+        if part.is_file() and atomic.sha256_file(part) != digest:
+            raise OvmlError(f"{part} is not the part generate-text wrote (its sha256 differs from manifest.json: "
+                            f"edited or damaged); restore it, or delete it and run the same command again to "
+                            f"regenerate only its captions (the rest of the pool is kept)")
+        if copy.is_file() and not (part.is_file() and part.samefile(copy)) and atomic.sha256_file(copy) != digest:
+            copy.unlink()
 
 
 def _carry_over(committed: Path, staged: Path, recipe: str) -> tuple[list[Path], dict[str, list[Path]]]:
@@ -395,8 +440,11 @@ def _part_index(path: Path) -> int:
     return int(path.stem.removeprefix("part-"))
 
 
-def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, committed: Path, out_dir: Path) -> dict:
+def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, committed: Path, out_dir: Path,
+              recorded: dict[str, str]) -> dict:
     """Top the pool up to --per-label; parts of this recipe already in the pool count and are kept."""
+    if not cfg.force:
+        _check_recorded(committed, out_dir, recorded)
     kept, set_aside = ([], {}) if cfg.force else _carry_over(committed, out_dir, recipe)
     atomic.write_json(out_dir.parent / VOCABULARY, vocabulary.as_json())
     prompts = CaptionPrompts.load()
@@ -405,7 +453,7 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, comm
     target = math.ceil(cfg.per_label / cfg.num_shards)
     tally = ShardTally(vocabulary.labels)
     for part in kept:
-        tally.add_part(_read_part(part))
+        tally.add_part(_read_part(part, committed / part.name))
     # New parts go after every kept one; index mod num_shards stays the shard's, so shards never collide.
     base = math.ceil((max(map(_part_index, kept), default=-1) + 1) / cfg.num_shards)
     backend = _open_checked(cfg, prompts, vocabulary.labels) if tally.shortfall(target) else None

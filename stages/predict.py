@@ -40,9 +40,10 @@ def predict(cfg: PredictConfig) -> list[dict]:
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     if not cfg.zero_shot:
         run_dir.require(ADAPTER, produced_by="train_adapter")
-        run_dir.verified_hashes([p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()])
     encoder = load_clip(cfg.clip, cfg.device)
-    adapter, adapter_config = (None, None) if cfg.zero_shot else load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+    adapter, adapter_config = (None, None) if cfg.zero_shot else run_dir.verified_load(
+        [p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()],
+        lambda: load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim))[0]  # old or new adapter, never a mix
     if cfg.local and adapter_config.local_pooling is None:
         raise OvmlError(f"the adapter in {run_dir / ADAPTER} has no local head; train it with "
                         "`ovml train-adapter --local` (after `ovml embed-text --local`) or drop --local")

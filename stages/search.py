@@ -20,7 +20,7 @@ import torch
 
 from ovml.pipeline import atomic
 from ovml.pipeline.adapter import load_adapter
-from ovml.pipeline.artifacts import ADAPTER, ADAPTER_WEIGHTS, image_cache, search_cache
+from ovml.pipeline.artifacts import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, image_cache, search_cache
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.datasets import DATASETS
 from ovml.pipeline.errors import OvmlError
@@ -62,8 +62,11 @@ def search(cfg: SearchConfig) -> dict:
     encoder = load_clip(cfg.clip, cfg.device)
     if cfg.zero_shot:
         method, templates, adapter = "zero-shot", "pool", None
-    else:
-        adapter, adapter_config = load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+    else:  # verified, and the adapter verified is the one loaded even when train-adapter commits meanwhile
+        (adapter, adapter_config), adapter_hashes = run_dir.verified_load(
+            [p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()],
+            lambda: load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim))
+        hashes.update(adapter_hashes)
         method, templates = "adapter", adapter_config.label_templates
     query_emb = label_embeddings(encoder, [query], templates)
     items = atomic.read_parquet(cache / "items.parquet", f"ovml embed-images --force --dataset {cfg.dataset} "

@@ -58,7 +58,7 @@ class TrainingData:
 
 
 def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
-    _check(cfg)
+    check(cfg)
     run_dir = RunDir(cfg.run_dir)
     cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     run_dir.require(VOCABULARY, produced_by="generate_text")
@@ -81,8 +81,9 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
                      force=cfg.force, models={"clip": cfg.clip})
 
 
-def _check(cfg: TrainAdapterConfig) -> None:
-    """Every setting is checked before the stage touches anything, so a typo never costs the old adapter."""
+def check(cfg: TrainAdapterConfig) -> None:
+    """Every setting is checked before the stage touches anything, so a typo never costs the old adapter (and
+    `ovml run` checks every stage's before the first runs). Not the CLIP spec: this stage never imports open_clip."""
     check_settings(cfg)
     pick_device(cfg.device)
 

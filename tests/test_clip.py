@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ovml.pipeline.clip import ClipSpec, load_clip
+from ovml.pipeline import clip
+from ovml.pipeline.clip import ClipSpec, check_clip, load_clip
 from ovml.pipeline.errors import OvmlError
 
 
@@ -59,6 +60,14 @@ def test_a_failed_download_leaves_the_process_hub_setting_as_it_was():
     with pytest.raises(OvmlError):
         load_clip("ViT-B-16:openai", device="cpu")
     assert constants.HF_HUB_OFFLINE == before
+
+
+def test_weights_missing_offline_are_found_by_the_check_without_loading_a_model(monkeypatch):
+    if clip._hub_reachable():
+        pytest.skip("the model hub is reachable here: the weights can be downloaded")
+    monkeypatch.setattr(clip, "_create", lambda *args: pytest.fail("check_clip loaded a model"))
+    with pytest.raises(OvmlError, match=r"CLIP weights for 'ViT-B-16:openai' are not available \("):
+        check_clip("ViT-B-16:openai")
 
 
 def test_missing_checkpoint_file_is_named(tmp_path):

@@ -6,6 +6,7 @@ the "model" says: broken JSON, omitted labels, repeats, and an interruption at a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -367,3 +368,93 @@ def test_a_failing_backend_leaves_the_previous_pool_intact(tmp_path, labels_file
     with pytest.raises(KeyboardInterrupt):
         stage.generate_text(config(labels_file, tmp_path / "run", per_label=6))
     assert part_bytes(tmp_path / "run") == before
+
+
+def generate_cli(labels_file: Path, run_dir: Path, *extra: str):
+    return CliRunner().invoke(cli.app, ["generate-text", "--labels", str(labels_file), "--run-dir", str(run_dir),
+                                        *extra])
+
+
+def caption_hashes(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((run_dir / "captions").rglob("*")) if p.is_file()}
+
+
+def reworded(labels: list[str], seed: int) -> str:
+    return json.dumps({"caption": f"Someone painted {' and '.join(labels)}, version {seed}."})
+
+
+def test_a_killed_force_attempt_is_never_resumed_as_a_top_up_of_the_pool(tmp_path, labels_file, use_backend):
+    run = tmp_path / "run"
+    use_backend(ScriptedBackend(faithful))
+    assert generate_cli(labels_file, run, "--per-label", "2", "--part-size", "1").exit_code == 0
+    rows, before = rows_by_id(run), caption_hashes(run)
+    use_backend(ScriptedBackend(reworded, interrupt_at=3))  # the forced rebuild's parts share the pool's names
+    killed = generate_cli(labels_file, run, "--per-label", "2", "--part-size", "1", "--force")
+    assert killed.exit_code == 130 and caption_hashes(run) == before
+    use_backend(ScriptedBackend(faithful))
+    plain = generate_cli(labels_file, run, "--per-label", "2", "--part-size", "1")
+    assert plain.exit_code == 0 and "skipped" in plain.output and not (run / ".staging" / "generate_text").exists()
+    top_up = generate_cli(labels_file, run, "--per-label", "4", "--part-size", "1")
+    assert top_up.exit_code == 0 and "Traceback" not in top_up.output
+    after = caption_hashes(run)
+    assert {k: after[k] for k in before} == before and {k: rows_by_id(run)[k] for k in rows} == rows
+    assert "Someone painted" not in json.dumps(read_captions(run))
+
+
+def rewrite_one_caption(path: Path) -> None:
+    """An edit that keeps the part's metadata (pyarrow round trip)."""
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["text"] = "An edited caption of a dog."
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+
+
+def rewrite_without_metadata(path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist(pq.read_table(path).to_pylist(), schema=stage.CAPTION_SCHEMA), path)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("edit", [rewrite_one_caption, rewrite_without_metadata, truncate], ids=lambda f: f.__name__)
+def test_an_edited_part_of_the_pool_is_damage_named_with_a_repair_that_keeps_the_pool(tmp_path, labels_file,
+                                                                                      use_backend, edit):
+    run = tmp_path / "run"
+    use_backend(ScriptedBackend(faithful))
+    assert generate_cli(labels_file, run, "--per-label", "2", "--part-size", "4").exit_code == 0
+    recorded = json.loads((run / "manifest.json").read_text())["stages"]["generate_text"]["outputs"]
+    victim = run / "captions" / "part-00001.parquet"
+    edit(victim)
+    before, backend = caption_hashes(run), use_backend(ScriptedBackend(faithful))
+    result = generate_cli(labels_file, run, "--per-label", "2", "--part-size", "4")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    assert f"{victim} is not the part generate-text wrote" in " ".join(result.output.split())
+    assert "delete it and run the same command again" in " ".join(result.output.split())
+    assert caption_hashes(run) == before and backend.answers == []
+    assert json.loads((run / "manifest.json").read_text())["stages"]["generate_text"]["outputs"] == recorded
+    victim.unlink()  # the repair the message names: only that part's captions are made again
+    assert generate_cli(labels_file, run, "--per-label", "2", "--part-size", "4").exit_code == 0
+    after = caption_hashes(run)
+    assert {k: after[k] for k in before if k != "captions/part-00001.parquet"} == \
+        {k: v for k, v in before.items() if k != "captions/part-00001.parquet"}
+    assert min(Counter(label for row in read_captions(run) for label in row["labels"]).values()) >= 2
+
+
+def test_a_part_merged_from_another_shard_and_then_edited_is_named_as_damage(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(faithful))
+    for shard in (0, 1):
+        stage.generate_text(config(labels_file, tmp_path / f"shard{shard}", num_shards=2, shard_index=shard))
+    for part in (tmp_path / "shard1" / "captions").glob("part-*.parquet"):
+        (tmp_path / "shard0" / "captions" / part.name).write_bytes(part.read_bytes())
+    victim = sorted((tmp_path / "shard1" / "captions").glob("part-*.parquet"))[0].name
+    rewrite_one_caption(tmp_path / "shard0" / "captions" / victim)
+    before = caption_hashes(tmp_path / "shard0")
+    result = generate_cli(labels_file, tmp_path / "shard0", "--per-label", "3", "--part-size", "4")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    assert f"{tmp_path / 'shard0' / 'captions' / victim} was edited after generate-text wrote it" in \
+        " ".join(result.output.split())
+    assert caption_hashes(tmp_path / "shard0") == before

@@ -7,11 +7,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pyarrow as pa
 import pytest
 
-from ovml.pipeline import atomic
+from ovml.pipeline import atomic, rundir
 from ovml.pipeline.errors import OvmlError, RunDirLocked
 from ovml.pipeline.rundir import RunDir, lock_run_dir, run_stage
 
@@ -137,7 +138,9 @@ def test_a_commit_killed_before_the_manifest_is_written_is_finished_by_the_next_
         with pytest.raises(KeyboardInterrupt):
             run_once(rd, [], params={"v": 2})
     calls = []
-    assert run_once(rd, calls, params={"v": 2}).status == "skipped" and calls == []
+    outcome = run_once(rd, calls, params={"v": 2})
+    assert (outcome.status, outcome.reason) == ("ran", "completed the interrupted commit of an earlier run")
+    assert calls == [] and run_once(rd, calls, params={"v": 2}).status == "skipped"
     assert (tmp_path / "out/result.txt").read_text() == "{'v': 2}"
     assert rd.stage_record("demo")["params"] == {"v": 2}
 
@@ -214,3 +217,100 @@ def test_atomically_written_artifacts_respect_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
+
+
+def dies_after_one_part(out, resume):
+    atomic.write_text(out / "out/part-0.txt", "made from nothing")
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("attempt, forced, plain, status, seen", [
+    ("pool", {"p": 1}, {"p": 1}, "skipped", []),  # a stage-keyed forced attempt: dropped by a run that skips
+    ("pool", {"p": 1}, {"p": 2}, "ran", [(False, False)]),  # and never taken up by a run that must run
+    (None, {"p": 2}, {"p": 2}, "ran", [(True, True)]),  # keyed by the fingerprint: the same work, resumed
+])
+def test_what_a_killed_forced_attempt_staged_is_never_taken_up_by_a_plain_run(tmp_path, attempt, forced, plain,
+                                                                              status, seen):
+    rd, calls = RunDir(tmp_path), []
+    run_stage(rd, "demo", params={"p": 1}, inputs=[], outputs=["out"], attempt=attempt,
+              body=lambda out, resume: atomic.write_text(out / "out/part-0.txt", "the pool") or {})
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(rd, "demo", params=forced, inputs=[], outputs=["out"], attempt=attempt, force=True,
+                  body=dies_after_one_part)
+    outcome = run_stage(rd, "demo", params=plain, inputs=[], outputs=["out"], attempt=attempt,
+                        body=lambda out, resume: calls.append((resume, (out / "out/part-0.txt").exists())) or {})
+    assert outcome.status == status and calls == seen
+    assert not (tmp_path / ".staging" / "demo").exists()
+
+
+def test_paths_into_the_staging_folder_are_reported_where_the_outputs_end_up(tmp_path):
+    rd = RunDir(tmp_path)
+    outcome = run_stage(rd, "demo", params={}, inputs=[], outputs=["out"],
+                        body=lambda out, resume: atomic.write_text(out / "out/r.md", "x") or {
+                            "report": str(out / "out/r.md"), "files": [str(out / "out")], "other": "/elsewhere"})
+    expected = {"report": str(tmp_path / "out/r.md"), "files": [str(tmp_path / "out")], "other": "/elsewhere"}
+    assert outcome.summary == expected and rd.stage_record("demo")["summary"] == expected
+    assert (tmp_path / "out/r.md").is_file()
+
+
+PAUSED_COMMIT = """
+import sys
+from pathlib import Path
+from ovml.pipeline import atomic
+from ovml.pipeline.rundir import RunDir, run_stage
+
+real_put = RunDir._put_record
+
+def put_after_a_pause(self, stage, record):
+    print("swapped", flush=True)  # the new outputs are in place, the manifest still describes the old ones
+    sys.stdin.readline()
+    real_put(self, stage, record)
+
+RunDir._put_record = put_after_a_pause
+run_stage(RunDir(Path(sys.argv[1])), "demo", params={"v": 2}, inputs=[], outputs=["out"],
+          body=lambda out, resume: atomic.write_text(out / "out/result.txt", "new") or {})
+"""
+
+
+def test_a_reader_that_meets_a_commit_between_its_swap_and_its_manifest_sees_the_new_outputs(tmp_path):
+    rd = RunDir(tmp_path)
+    run_once(rd, [], params={"v": 1})
+    writer = subprocess.Popen([sys.executable, "-c", PAUSED_COMMIT, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "swapped"
+        threading.Timer(0.3, lambda: (writer.stdin.write("go\n"), writer.stdin.flush())).start()
+        hashes = rd.verified_hashes([tmp_path / "out/result.txt"])
+    finally:
+        assert writer.wait(30) == 0
+    assert hashes == {"out/result.txt": atomic.sha256_file(tmp_path / "out/result.txt")}
+    assert (tmp_path / "out/result.txt").read_text() == "new"
+
+
+def test_a_load_that_a_commit_overtook_is_done_again_on_the_files_verified(tmp_path):
+    rd = RunDir(tmp_path)
+    run_once(rd, [], params={"v": 1})
+    loads = []
+
+    def load():
+        if not loads:  # a whole commit lands between the verification and the load
+            run_once(rd, [], params={"v": 2})
+        loads.append((tmp_path / "out/result.txt").read_text())
+        return loads[-1]
+
+    loaded, hashes = rd.verified_load([tmp_path / "out/result.txt"], load)
+    assert loaded == "{'v': 2}" and len(loads) == 2
+    assert hashes == {"out/result.txt": rd.stage_record("demo")["outputs"]["out/result.txt"]}
+
+
+def test_a_commit_killed_half_way_is_named_to_a_reader_with_the_command_that_completes_it(tmp_path, monkeypatch):
+    rd = RunDir(tmp_path)
+    run_once(rd, [], params={"v": 1})
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "_put_record", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run_once(rd, [], params={"v": 2})
+    monkeypatch.setattr(rundir, "COMMIT_WAIT", 0.2)
+    with pytest.raises(OvmlError, match=r"out/result.txt comes from a commit of `ovml demo --run-dir .*` that was "
+                                        r"interrupted; run that command again to complete it"):
+        rd.verified_hashes([tmp_path / "out/result.txt"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import folder_release
+from helpers import folder_release, write_corrupt
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -94,6 +94,13 @@ def fail_writes(code: int, monkeypatch) -> None:
     monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
 
 
+def unreadable_folder(root: Path) -> None:
+    """A folder dataset whose every image is damaged."""
+    for name in ("a.jpg", "b.jpg"):
+        write_corrupt(root / name)
+    (root / "labels.csv").write_text("path,labels\na.jpg,cat\nb.jpg,dog\n")
+
+
 def no_retries(monkeypatch) -> None:
     monkeypatch.setattr(llm, "OpenAIBackend", functools.partial(llm.OpenAIBackend, retries=0))
 
@@ -111,6 +118,7 @@ class Scenario:
     exit_code: int = 2
     setup: Callable[[Path, Path, object], None] = lambda run_dir, workdir, monkeypatch: None
     requires: list[Callable[[], None]] = field(default_factory=list)
+    after_work: bool = False  # the fault shows only once the work is done: its progress bar precedes the line
 
 
 def gen(*extra: str) -> Callable[[Path, Path, Path], list[str]]:
@@ -171,6 +179,10 @@ SCENARIOS = [
                                           (run / "manifest.json").unlink())),
     Scenario("eval with a damaged manifest.json", cmd("eval", "--dataset", "folder"), "manifest.json is damaged",
              setup=lambda run, work, mp: truncate(run / "manifest.json")),
+    Scenario("embed-images where no image can be read",
+             cmd("embed-images", "--dataset", "folder", "--root", "{work}/unreadable/labels.csv", "--workers", "0"),
+             "none of the 2 images of folder under", setup=lambda run, work, mp: unreadable_folder(work / "unreadable"),
+             after_work=True),
 ]
 
 
@@ -191,8 +203,10 @@ def test_scenario_is_one_line_with_its_exit_code_and_keeps_every_artifact(scenar
     before = artifact_hashes(run)
     result = CliRunner().invoke(app, scenario.argv(run, labels, tmp_path))
     assert result.exit_code == scenario.exit_code, result.output
-    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0, result.output
-    assert scenario.message in " ".join(result.output.split()), result.output
+    *progress, line = result.output.strip().splitlines()
+    assert "Traceback" not in result.output and all("━" in bar for bar in progress), result.output
+    assert scenario.after_work or not progress, result.output
+    assert scenario.message in " ".join(line.split()), result.output
     assert artifact_hashes(run) == before
 
 
@@ -256,3 +270,12 @@ def test_predict_answers_on_a_full_disk_without_caching_its_label_embeddings(fin
     result = predict(PredictConfig(run_dir=run, clip=tiny_clip, device="cpu", images=[str(tmp_path / "photo.png")],
                                    labels="cat,dog"))
     assert [row["label"] for row in result[0]["labels"]] and not list((run / "cache").rglob("*.parquet"))
+
+
+def test_eval_reports_its_report_where_the_commit_put_it(finished_run, tmp_path, tiny_clip):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    outcome = evaluate(EvalConfig(run_dir=run, clip=tiny_clip, device="cpu", dataset="folder", force=True))
+    recorded = json.loads((run / "manifest.json").read_text())["stages"]["eval/folder"]["summary"]["report"]
+    assert outcome.summary["report"] == recorded == str(run / "eval" / "folder" / "report.md")
+    assert Path(recorded).is_file()
