@@ -52,7 +52,9 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     if not parts:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
-    labels = read_vocabulary_json(run_dir.require(VOCABULARY, produced_by="generate_text"))
+    run_dir.require(VOCABULARY, produced_by="generate_text")
+    run_dir.verified_hashes([*parts, run_dir / VOCABULARY])  # before reading any (run_stage checks them again)
+    labels = read_vocabulary_json(run_dir / VOCABULARY)
     check_engine(cfg.engine)
     if cfg.local and cfg.engine == "ray":
         raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
