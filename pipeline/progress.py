@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
@@ -17,8 +20,16 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
 
 
-def progress_bar(rate: str | ProgressColumn) -> Progress:
-    """`rate` is a unit ("texts") for the usual items/s column, or a column of the stage's own."""
+@contextlib.contextmanager
+def progress_bar(rate: str | ProgressColumn) -> Iterator[Progress]:
+    """`rate` is a unit ("texts") for the usual items/s column, or a column of the stage's own. A stage that
+    fails takes its bar away with it, so what is left on the terminal is the failure's one line."""
     rate_column = RateColumn(rate) if isinstance(rate, str) else rate
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate_column,
-                    TimeElapsedColumn(), console=Console(stderr=True))
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate_column,
+                        TimeElapsedColumn(), console=Console(stderr=True))
+    with progress:
+        try:
+            yield progress
+        except BaseException:
+            progress.live.transient = True
+            raise

@@ -40,10 +40,11 @@ def read_vocabulary_json(path: Path) -> list[str]:
     """The ordered training labels of captions/vocabulary.json, as generate-text wrote them."""
     try:
         labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         labels = None
     if not labels or not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise OvmlError(f"{path} has no 'labels' list of strings; re-run `ovml generate-text --force`")
+        raise OvmlError(f"{path} has no 'labels' list of strings; run the same `ovml generate-text` command again "
+                        "(it rewrites the file and keeps the captions)")
     return labels
 
 

@@ -45,7 +45,9 @@ def embed_text(cfg: EmbedTextConfig) -> StageOutcome:
     if not parts:
         raise OvmlError(f"{captions_dir} has no part-*.parquet files; "
                         f"run `ovml generate-text --run-dir {run_dir.path}` first")
-    labels = read_vocabulary_json(run_dir.require(VOCABULARY, produced_by="generate_text"))
+    run_dir.require(VOCABULARY, produced_by="generate_text")
+    run_dir.verified_hashes([*parts, run_dir / VOCABULARY])  # before reading any (run_stage checks them again)
+    labels = read_vocabulary_json(run_dir / VOCABULARY)
     params = as_params(cfg)
     if not cfg.local:
         del params["local"]  # text_emb/ made before --local existed keeps its fingerprint: no re-embedding

@@ -185,8 +185,11 @@ def _train(cfg: TrainAdapterConfig, params: dict, out: Path, data: TrainingData)
                 progress.advance(task, len(batch))
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise _diverged(cfg, epoch, "some weights became NaN or infinite")
-            val_map, val_map_local = _validation_map(model, x_all, rows[val.to(device)], data.targets, val.numpy(),
-                                                     label_emb, data.tokens)
+            try:
+                val_map, val_map_local = _validation_map(model, x_all, rows[val.to(device)], data.targets,
+                                                         val.numpy(), label_emb, data.tokens)
+            except FloatingPointError:
+                raise _diverged(cfg, epoch, "the held-out captions' scores became NaN or infinite") from None
             log.append({"epoch": epoch, "loss": total / len(train), "val_mAP": val_map, "val_mAP_local": val_map_local,
                         "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             progress.update(task, description=f"epoch {epoch}/{cfg.epochs} loss {log[-1]['loss']:.4g} "
@@ -216,6 +219,13 @@ def _diverged(cfg: TrainAdapterConfig, epoch: int, what: str) -> OvmlError:
     scale) is the likely cause. Raised before anything is saved: the previous adapter stays."""
     return OvmlError(f"training diverged in epoch {epoch}: {what}; lower --lr (now {cfg.lr:g}) or --scale (now "
                      f"{cfg.scale:g}); nothing was saved")
+
+
+def _finite(scores: torch.Tensor) -> np.ndarray:
+    """Scores of finite weights can still overflow (float16 features, huge logits): training has diverged."""
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError("non-finite validation scores")
+    return scores.cpu().numpy()
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):
@@ -253,9 +263,9 @@ def _validation_map(model: Adapter, x_all: torch.Tensor, x_rows: torch.Tensor, t
         block_emb = label_emb[torch.from_numpy(cols).to(label_emb.device)]
         truth = targets.dense(captions, cols)
         scores = torch.cat([model.logits(h[chunk].float(), block_emb) for chunk in chunks])
-        ap.append(average_precision(scores.cpu().numpy(), truth))
+        ap.append(average_precision(_finite(scores), truth))
         if words:
             scores = torch.cat([model.local_logits(w.float(), block_emb, real) for w, real in words])
-            ap_local.append(average_precision(scores.cpu().numpy(), truth))
+            ap_local.append(average_precision(_finite(scores), truth))
     local = mean_average_precision(np.concatenate(ap_local)) if words else None
     return mean_average_precision(np.concatenate(ap)), local

@@ -243,3 +243,64 @@ def embed_text_killed_after_its_first_part(cfg, monkeypatch) -> None:
     finally:
         monkeypatch.setattr(stage, "write_text_embeddings", real_write)
     raise AssertionError("embed-text finished without writing a part")
+
+
+class EchoBackend:
+    """An LLM that answers every prompt with a caption naming what the prompt asked for (its labels are in the
+    prompt's last words): captions without a model download."""
+
+    name = "echo"
+    model = "echo-1"
+
+    def complete(self, requests):
+        for request in requests:
+            asked = request.messages[-1][1].split(":")[-1].strip().rstrip(".")[:80]
+            yield json.dumps({"caption": f"A photo that shows {asked}, take {request.seed}."})
+
+
+FINISHED_RUN_LABELS = ["cat", "dog", "sky"]  # the folder fixture's labels, so eval has a vocabulary to score
+ARTIFACTS = ("captions", "text_emb", "labels", "adapter", "images", "eval")  # every stage's outputs
+
+
+def build_finished_run(root: Path, clip: str) -> tuple[Path, Path]:
+    """(run dir with every stage finished by the production stages, its labels file): echo captions, the tiny
+    CLIP, a two-epoch adapter, the folder fixture embedded and evaluated."""
+    import pytest
+
+    import ovml.stages.generate_text as generate_stage
+    from ovml.stages.embed_images import EmbedImagesConfig, embed_images
+    from ovml.stages.embed_text import EmbedTextConfig, embed_text
+    from ovml.stages.evaluate import EvalConfig, evaluate
+    from ovml.stages.generate_text import GenerateTextConfig, generate_text
+    from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
+
+    labels = root / "labels.txt"
+    labels.write_text("\n".join(FINISHED_RUN_LABELS) + "\n", encoding="utf-8")
+    run_dir = root / "run"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(generate_stage, "open_backend", lambda *args, **kwargs: EchoBackend())
+        generate_text(GenerateTextConfig(run_dir=run_dir, labels=str(labels), per_label=2, part_size=4))
+    embed_text(EmbedTextConfig(run_dir=run_dir, clip=clip, device="cpu"))
+    train_adapter(TrainAdapterConfig(run_dir=run_dir, clip=clip, device="cpu", hidden=16, epochs=2))
+    csv = folder_release(root / "images")
+    embed_images(EmbedImagesConfig(run_dir=run_dir, clip=clip, device="cpu", dataset="folder", root=str(csv),
+                                   workers=0))
+    evaluate(EvalConfig(run_dir=run_dir, clip=clip, device="cpu", dataset="folder"))
+    return run_dir, labels
+
+
+def artifact_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file the stages made, by path in the run dir."""
+    return {str(p.relative_to(run_dir)): atomic.sha256_file(p) for folder in ARTIFACTS
+            for p in sorted((run_dir / folder).rglob("*")) if p.is_file()}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))

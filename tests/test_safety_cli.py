@@ -11,79 +11,29 @@ from __future__ import annotations
 import errno
 import functools
 import importlib.util
-import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import folder_release, write_corrupt
+from helpers import artifact_hashes, build_finished_run, flip_bytes, folder_release, truncate, write_corrupt
 from PIL import Image
 from typer.testing import CliRunner
 
-import ovml.stages.generate_text as generate_stage
 import ovml.stages.train_adapter as train_stage
 from ovml.cli import app
 from ovml.pipeline import atomic, llm
-from ovml.pipeline.llm import ChatRequest
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
-from ovml.stages.embed_text import EmbedTextConfig, embed_text
-from ovml.stages.evaluate import EvalConfig, evaluate
-from ovml.stages.generate_text import GenerateTextConfig, generate_text
 from ovml.stages.predict import PredictConfig, predict
 from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
-
-LABELS = ["cat", "dog", "sky"]  # the folder fixture's labels, so eval has an unseen-free vocabulary to score
-ARTIFACTS = ("captions", "text_emb", "labels", "adapter", "images", "eval")
-
-
-class EchoBackend:
-    """Answers every prompt with a caption naming what the prompt asked for (the labels are in its text)."""
-
-    name = "echo"
-    model = "echo-1"
-
-    def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
-        for request in requests:
-            asked = request.messages[-1][1].split(":")[-1].strip().rstrip(".")[:80]
-            yield json.dumps({"caption": f"A photo that shows {asked}, take {request.seed}."})
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_clip) -> tuple[Path, Path]:
     """(run dir with every stage finished, labels file)."""
-    root = tmp_path_factory.mktemp("safety")
-    labels = root / "labels.txt"
-    labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
-    run_dir = root / "run"
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(generate_stage, "open_backend", lambda *args, **kwargs: EchoBackend())
-        generate_text(GenerateTextConfig(run_dir=run_dir, labels=str(labels), per_label=2, part_size=4))
-    embed_text(EmbedTextConfig(run_dir=run_dir, clip=tiny_clip, device="cpu"))
-    train_adapter(TrainAdapterConfig(run_dir=run_dir, clip=tiny_clip, device="cpu", hidden=16, epochs=2))
-    csv = folder_release(root / "images")
-    embed_images(EmbedImagesConfig(run_dir=run_dir, clip=tiny_clip, device="cpu", dataset="folder", root=str(csv),
-                                   workers=0))
-    evaluate(EvalConfig(run_dir=run_dir, clip=tiny_clip, device="cpu", dataset="folder"))
-    return run_dir, labels
-
-
-def artifact_hashes(run_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(run_dir)): atomic.sha256_file(p) for folder in ARTIFACTS
-            for p in sorted((run_dir / folder).rglob("*")) if p.is_file()}
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def flip_bytes(path: Path, count: int = 64) -> None:
-    data = bytearray(path.read_bytes())
-    for i in range(len(data) // 2, len(data) // 2 + count):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
+    return build_finished_run(tmp_path_factory.mktemp("safety"), tiny_clip)
 
 
 def fail_writes(code: int, monkeypatch) -> None:
