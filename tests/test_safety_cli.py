@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import importlib.util
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import ovml.stages.train_adapter as train_stage
 from ovml.cli import app
 from ovml.pipeline import atomic, llm
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
+from ovml.stages.evaluate import EvalConfig, evaluate
 from ovml.stages.predict import PredictConfig, predict
 from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 
