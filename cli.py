@@ -129,8 +129,8 @@ def generate_text(
                                                  "http://127.0.0.1:8000/v1. API key from $OVML_API_KEY.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight (openai). \\[default: 4]")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for llama-cpp. 1 keeps its speed when other "
-                                                "programs share the cores; 2 is ~1.6x faster on 2 idle cores, "
-                                                "many times slower beside one busy process. \\[default: 1]")] = None,
+                                                "programs share the cores; 2 is ~1.8x faster on 2 idle cores but "
+                                                "~4x slower beside one busy process. \\[default: 1]")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature. \\[default: 0.8]")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling. \\[default: 0.95]")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per caption. \\[default: 96]")] = None,
