@@ -15,8 +15,8 @@ whichever shard or run made it, counts it toward --per-label, and numbers new pa
 existing one: raising --per-label tops up, lowering it keeps every row. Parts of another recipe are set
 aside, not deleted, in captions/archive/<recipe>/ (never read by later stages; move them back by hand to
 use them). Parts written before recipes were stamped are kept as the current recipe's. How many captions
-(per_label) and who makes them (base_url, concurrency, max_rounds, part_size) are not part of the recipe;
-base_url, concurrency, max_rounds and part_size do not even make the stage run again. Only --force
+(per_label) and who makes them (base_url, concurrency, threads, max_rounds, part_size) are not part of the
+recipe; base_url, concurrency, threads, max_rounds and part_size do not even make the stage run again. Only --force
 deletes captions: it builds a new pool from nothing, which replaces the old one when complete; a killed
 --force attempt is not resumed (run_stage drops its staging), so a plain run never takes its parts for a top-up.
 
@@ -431,7 +431,8 @@ def _open_checked(cfg: GenerateTextConfig, prompts: CaptionPrompts, labels: list
     (so it is dropped: None); a vLLM engine is not opened here at all, it would take a GPU from the replicas."""
     if cfg.engine == "ray" and cfg.backend == "vllm":
         return None
-    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body)
+    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body,
+                           cfg.threads)
     _check_longest_prompt(backend, prompts, labels, cfg)
     return None if cfg.engine == "ray" else backend
 
@@ -530,7 +531,8 @@ class _RayRound:
         requests = {k: [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in chunk]
                     for k, chunk in chunks.items()}
         self._stream = ray_chat(requests, cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency,
-                                cfg.extra_body, address=cfg.ray_address, actors=cfg.ray_actors) if requests else None
+                                cfg.extra_body, cfg.threads, address=cfg.ray_address, actors=cfg.ray_actors
+                                ) if requests else None
         self._arrived: dict[int, _Answers] = {}
         self.backend = cfg.backend
 

@@ -251,6 +251,15 @@ def test_cli_reports_a_missing_labels_file_in_one_line(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_cli_reports_threads_below_one_in_one_line_before_loading_a_model(tmp_path, labels_file):
+    result = CliRunner().invoke(cli.app, ["generate-text", "--labels", str(labels_file), "--threads", "0",
+                                          "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "--threads must be at least 1, got 0" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "captions").exists()
+
+
 def rows_by_id(run_dir: Path) -> dict[str, dict]:
     return {row["caption_id"]: row for row in read_captions(run_dir)}
 
