@@ -241,6 +241,9 @@ def embed_images(
                                                 "or folder. \\[default: folder]")] = None,
     root: Annotated[str | None, typer.Option(help="The dataset's release folder (for folder: the CSV with "
                                              "path,labels).")] = None,
+    split: Annotated[str | None, typer.Option(help="Which images: fashion-mnist t10k or train, nuswide test or "
+                                              "train, folder test or train (names the cache: images/<dataset>-train"
+                                              "/). \\[default: the test split]")] = None,
     limit: Annotated[int | None, typer.Option(help="Embed only the first N images (a quick subset).")] = None,
     mosaic: Annotated[int | None, typer.Option(help="fashion-mnist: K for KxK multi-label grids. "
                                                "\\[default: 2]")] = None,
