@@ -197,16 +197,16 @@ def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=Non
 
 
 def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog"), label_templates="pool",
-                  local_pooling=None):
+                  local_pooling=None, head="cosine"):
     """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layers; a local head
-    with local_pooling set. Returns the model."""
+    with local_pooling set; head="query" for the query head. Returns the model."""
     dim = load_clip(clip).dim
     torch.manual_seed(seed)
     model = Adapter(AdapterConfig(dim=dim, clip=clip, vocabulary=list(vocabulary), label_templates=label_templates,
-                                  hidden=16, dropout=0.0, local_pooling=local_pooling,
+                                  hidden=16, dropout=0.0, local_pooling=local_pooling, head=head, queries=3,
                                   training={"noise": 0.04, "seed": seed}))
     if trained:
-        for mlp in (model.mlp, model.local_mlp) if local_pooling else (model.mlp,):
+        for mlp in (model.mlp, model.local_mlp) if local_pooling or head == "query" else (model.mlp,):
             torch.nn.init.normal_(mlp[-1].weight, std=0.5)
     save_adapter(run_dir / "adapter", model)
     return model.eval()

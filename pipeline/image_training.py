@@ -1,0 +1,75 @@
+"""Labelled images as training data: an image cache's vectors, its labels restricted to the labels declared seen.
+
+The zero-shot protocols (NUS-WIDE 925 seen / 81 unseen, the testbed's 7 / 3) train on images whose unseen labels
+are not annotated: a label outside the seen list is dropped from every image here, so it never reaches the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.image_cache import read_image_cache
+from ovml.pipeline.label_sets import LabelSets
+from ovml.pipeline.vocabulary import DATASET_SPLIT, load_vocabulary
+
+
+@dataclass
+class LabelledImages:
+    """The images one training run learns from: vectors and their seen positives, in cache row order."""
+
+    vectors: np.ndarray  # [k, d] float32, L2-normalised CLIP image embeddings
+    positives: pa.ListArray  # list<str> per image: only labels of `seen`
+    seen: list[str]  # the annotated labels: the cache's labels that were declared seen
+    rows: np.ndarray  # [k] the cache rows used (all, or a sample per label)
+    info: dict  # the cache's dataset.json
+
+
+def seen_label_list(spec: str, info: dict, default: list[str] | None) -> tuple[list[str], list[Path]]:
+    """(labels declared seen, files that define them) from --seen-labels: a label file, `<dataset>:<split>` naming
+    a label split of the cache's own dataset.json, or "" for `default` (the caption vocabulary)."""
+    if not spec:
+        if default is None:
+            raise OvmlError("no caption vocabulary to take the seen labels from; pass --seen-labels FILE or "
+                            f"--seen-labels {info.get('dataset', 'DATASET')}:seen")
+        return list(default), []
+    if not Path(spec).exists() and DATASET_SPLIT.fullmatch(spec):
+        dataset, _, split = spec.partition(":")
+        splits = info.get("splits") or {}
+        if dataset != info.get("dataset") or split not in splits:
+            raise OvmlError(f"--seen-labels {spec}: the image cache is {info.get('dataset')} with label splits "
+                            f"{', '.join(splits) or 'none'}; name one of them as {info.get('dataset')}:SPLIT")
+        return list(splits[split]), []
+    vocabulary = load_vocabulary(spec)
+    return vocabulary.labels, vocabulary.sources
+
+
+def read_labelled_images(directory: Path, seen: list[str], per_label: int | None, seed: int) -> LabelledImages:
+    """The cache at `directory` with positives outside `seen` dropped; with `per_label`, a seeded sample of that
+    many images per seen label (fewer where the cache has fewer), the few-shot setting."""
+    vectors, items, info = read_image_cache(directory)
+    cache_labels = set(info.get("labels") or [])
+    annotated = [label for label in seen if label in cache_labels]
+    if not annotated:
+        raise OvmlError(f"none of the {len(seen)} seen labels is a label of {directory} (it has e.g. "
+                        f"{sorted(cache_labels)[:3]}); check --seen-labels")
+    targets, _ = LabelSets.from_lists(items.column("positives"), annotated)
+    rows = np.arange(len(items)) if per_label is None else _sample_per_label(targets, per_label, seed)
+    restricted = [[annotated[c] for c in targets.indices[targets.offsets[r]:targets.offsets[r + 1]]] for r in rows]
+    return LabelledImages(vectors[rows], pa.array(restricted, pa.list_(pa.string())), annotated, rows, info)
+
+
+def _sample_per_label(targets: LabelSets, per_label: int, seed: int) -> np.ndarray:
+    """Sorted rows: for each label in turn, `per_label` of its positive images drawn at random (an image drawn
+    for one label counts for the others it shows too, so a label may end up with more)."""
+    rng = np.random.default_rng(seed)
+    row_of_entry = np.repeat(np.arange(len(targets)), np.diff(targets.offsets))
+    chosen: set[int] = set()
+    for label in range(targets.n_labels):
+        candidates = row_of_entry[targets.indices == label]
+        chosen.update(rng.choice(candidates, min(per_label, len(candidates)), replace=False).tolist())
+    return np.array(sorted(chosen), dtype=np.int64)
