@@ -238,6 +238,10 @@ def train_adapter(
                                                   "--images alone.")] = None,
     distill: Annotated[float | None, typer.Option(help="MKT's distillation weight: keeps adapted image embeddings "
                                                   "near CLIP's (needs --images). \\[default: 0]")] = None,
+    unlabelled: Annotated[str | None, typer.Option(help="Self-training on an image cache without its labels: a "
+                                                   "first adapter pseudo-labels its images, the final one learns "
+                                                   "from them beside the captions (e.g. fashion-mnist-train).")]
+    = None,
     force: ForceOpt = None,
 ) -> None:
     """Train the adapter on noise-perturbed caption embeddings (and labelled images) -> adapter/model.safetensors."""

@@ -73,3 +73,25 @@ def _sample_per_label(targets: LabelSets, per_label: int, seed: int) -> np.ndarr
         candidates = row_of_entry[targets.indices == label]
         chosen.update(rng.choice(candidates, min(per_label, len(candidates)), replace=False).tolist())
     return np.array(sorted(chosen), dtype=np.int64)
+
+
+def pseudo_labels(scores: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """bool [images, labels]: per label, the images in the upper component of a two-Gaussian mixture fitted (EM)
+    to that label's scores over the unlabelled images. A label's share of positives is unknown on new images and
+    an adapter's sigmoid is not calibrated there, so each label's own score distribution sets its threshold."""
+    z = np.asarray(scores, dtype=np.float64)
+    low, high = np.percentile(z, 25, axis=0), np.percentile(z, 90, axis=0)
+    spread = np.maximum(z.std(axis=0), 1e-6)
+    mean = np.stack([low, high])  # [2, labels]
+    std = np.stack([spread, spread]) / 2
+    weight = np.full((2, z.shape[1]), 0.5)
+    for _ in range(iterations):
+        log_density = (np.log(weight[:, None]) - np.log(std[:, None])
+                       - 0.5 * ((z[None] - mean[:, None]) / std[:, None]) ** 2)  # [2, images, labels]
+        upper = 1 / (1 + np.exp(np.clip(log_density[0] - log_density[1], -50, 50)))
+        responsibility = np.stack([1 - upper, upper])
+        total = responsibility.sum(axis=1) + 1e-9
+        weight = total / len(z)
+        mean = (responsibility * z[None]).sum(axis=1) / total
+        std = np.sqrt((responsibility * (z[None] - mean[:, None]) ** 2).sum(axis=1) / total) + 1e-6
+    return (upper > 0.5) & (z > mean[0])

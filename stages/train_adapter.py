@@ -38,8 +38,8 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.device import pick_device, return_freed_memory
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.image_cache import read_dataset_info, read_patches
-from ovml.pipeline.image_training import read_labelled_images, seen_label_list
+from ovml.pipeline.image_cache import read_dataset_info, read_image_cache, read_patches
+from ovml.pipeline.image_training import pseudo_labels, read_labelled_images, seen_label_list
 from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.label_sets import LabelSets
 from ovml.pipeline.metrics import average_precision, column_blocks, mean_average_precision
@@ -94,6 +94,7 @@ class TrainAdapterConfig:
     images_per_label: int | None = None  # a seeded sample of N images per seen label (few-shot); None: all
     captions: bool = True  # False (--no-captions): learn from the images alone
     distill: float = 0.0  # MKT's distillation: + distill * (1 - cos(adapted image feature, CLIP's)) on image rows
+    unlabelled: str = ""  # an image cache whose images (labels ignored) join a second round with pseudo-labels
     force: bool = not_fingerprinted(False)
 
 
@@ -130,6 +131,9 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
     images = _check_images(run_dir, cfg) if cfg.images else None
     if images is not None:
         inputs += images[1]
+    unlabelled = _check_cache(run_dir, cfg.unlabelled, cfg.clip) if cfg.unlabelled else None
+    if unlabelled is not None:
+        inputs += [unlabelled / name for name in ("index.faiss", "dataset.json")]
     params = as_params(cfg)
     if not cfg.local:  # adapters trained before --local existed keep their fingerprint
         for name in ("local", "local_pooling", "local_top_k"):
@@ -139,12 +143,16 @@ def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
             del params[name]
     if cfg.head != "query":  # and before the query head
         del params["queries"]
+    if not cfg.unlabelled:
+        del params["unlabelled"]
 
     def body(out: Path, resume: bool) -> dict:
         return_freed_memory()
         data = _read_training_data(run_dir, cfg.store_dtype, cfg.local or cfg.head == "query") if cfg.captions else None
         if images is not None:
             data = _with_images(data, images[0], cfg, run_dir)
+        if unlabelled is not None:  # self-training: a first model labels the images, the second learns from them
+            data = _with_pseudo_labels(data, _fit(cfg, data)[0].eval(), unlabelled, cfg)
         return _train(cfg, out, data)
 
     return run_stage(run_dir, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
@@ -179,13 +187,15 @@ def _check(cfg: TrainAdapterConfig) -> None:
                         "add --images CACHE (an image cache made by embed-images, e.g. fashion-mnist-train)")
     if cfg.images_per_label is not None and cfg.images_per_label < 1:
         raise OvmlError(f"--images-per-label must be >= 1, got {cfg.images_per_label}")
-    if cfg.images and cfg.local:
-        raise OvmlError("--local trains on caption word tokens only; drop --local or --images")
+    if (cfg.images or cfg.unlabelled) and cfg.local:
+        raise OvmlError("--local trains on caption word tokens only; drop --local (or --images / --unlabelled)")
     if cfg.head not in HEADS or cfg.queries < 1:
         raise OvmlError(f"--head must be one of {', '.join(HEADS)} and --queries at least 1, got '{cfg.head}' and "
                         f"{cfg.queries}")
     if cfg.head == "query" and cfg.local:
         raise OvmlError("the query head already attends over tokens and patches; drop --local")
+    if cfg.unlabelled and cfg.head == "query":
+        raise OvmlError("--unlabelled pseudo-labels with the global head; drop --head query or --unlabelled")
     if not (math.isfinite(cfg.distill) and cfg.distill >= 0) or (cfg.distill and not cfg.images):
         raise OvmlError(f"--distill must be a finite number >= 0 and needs --images (it keeps adapted image "
                         f"features near CLIP's), got {cfg.distill}")
@@ -194,19 +204,26 @@ def _check(cfg: TrainAdapterConfig) -> None:
 def _check_images(run_dir: RunDir, cfg: TrainAdapterConfig) -> tuple[Path, list[Path]]:
     """(the image cache, the files that define it and its seen labels: the stage's inputs), checked before
     anything is read: it exists and holds embeddings of the adapter's CLIP model."""
-    cache = run_dir / image_cache(cfg.images)
-    if not (cache / "index.faiss").is_file():
-        raise OvmlError(f"{cache} holds no image cache; run `ovml embed-images` for it first (e.g. "
-                        "`--dataset fashion-mnist --split train` makes images/fashion-mnist-train)")
+    cache = _check_cache(run_dir, cfg.images, cfg.clip)
     info = read_dataset_info(cache)
-    if info.get("clip") != cfg.clip:
-        raise OvmlError(f"{cache} was embedded with '{info.get('clip')}', not '{cfg.clip}'; pass --clip "
-                        f"{info.get('clip')} or re-run embed-images with --clip {cfg.clip}")
     _, seen_files = seen_label_list(cfg.seen_labels, info, _caption_vocabulary(run_dir))
     if cfg.head == "query" and read_patches(cache) is None:
         raise OvmlError(f"--head query attends over image patches, and {cache} has none; re-run embed-images with "
                         "--local --force")
     return cache, [cache / name for name in ("index.faiss", "items.parquet", "dataset.json")] + seen_files
+
+
+def _check_cache(run_dir: RunDir, name: str, clip: str) -> Path:
+    """images/<name>/ of the run, checked to hold an image cache embedded by the adapter's CLIP model."""
+    cache = run_dir / image_cache(name)
+    if not (cache / "index.faiss").is_file():
+        raise OvmlError(f"{cache} holds no image cache; run `ovml embed-images` for it first (e.g. "
+                        "`--dataset fashion-mnist --split train` makes images/fashion-mnist-train)")
+    info = read_dataset_info(cache)
+    if info.get("clip") != clip:
+        raise OvmlError(f"{cache} was embedded with '{info.get('clip')}', not '{clip}'; pass --clip "
+                        f"{info.get('clip')} or re-run embed-images with --clip {clip}")
+    return cache
 
 
 def _caption_vocabulary(run_dir: RunDir) -> list[str] | None:
@@ -287,6 +304,28 @@ def _with_images(data: TrainingData | None, cache: Path, cfg: TrainAdapterConfig
         patch_rows=images.rows)
 
 
+def _with_pseudo_labels(data: TrainingData, teacher: Adapter, cache: Path, cfg: TrainAdapterConfig) -> TrainingData:
+    """The training set with every image of `cache` appended, its labels ignored: the teacher's pseudo-labels
+    over the training vocabulary (image_training.pseudo_labels) take their place; no noise on them."""
+    vectors, _, info = read_image_cache(cache)
+    scores = teacher.score(torch.from_numpy(vectors).to(pick_device(cfg.device)), data.label_emb.to(
+        pick_device(cfg.device)))
+    positive = pseudo_labels(scores)
+    rows, cols = np.nonzero(positive)
+    targets = LabelSets(np.concatenate([[0], np.cumsum(positive.sum(axis=1))]).astype(np.int64),
+                        cols.astype(np.int32), len(data.vocabulary))
+    captions = len(data.rows) if data.captions is None else data.captions
+    sources = {**(data.sources or {"captions": captions}),
+               "unlabelled": {"cache": cfg.unlabelled, "dataset": info.get("dataset"),
+                              "split": info.get("image_split"), "images": len(vectors),
+                              "pseudo_positives_per_image": round(float(positive.sum(axis=1).mean()), 3)}}
+    image_rows = len(data.embeddings) + torch.arange(len(vectors))
+    return TrainingData(
+        torch.cat([data.embeddings, torch.from_numpy(vectors.astype(cfg.store_dtype))]),
+        torch.cat([data.rows, image_rows]), LabelSets.concat([data.targets, targets]), data.label_emb,
+        data.vocabulary, data.label_templates, captions=captions, sources=sources)
+
+
 def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> LabelSets:
     targets, unknown = LabelSets.from_lists(labels, vocabulary)
     if unknown:
@@ -295,7 +334,8 @@ def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> LabelSets:
     return targets
 
 
-def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
+def _fit(cfg: TrainAdapterConfig, data: TrainingData) -> tuple[Adapter, list[dict], dict]:
+    """(the model at its best epoch, the log row of each epoch, the best epoch's record)."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     order = np.random.default_rng(cfg.seed).permutation(len(data.rows))
@@ -371,6 +411,12 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
             elif epoch - best["epoch"] >= cfg.patience:
                 break
     model.load_state_dict(best["state"])
+    return model, log, best
+
+
+def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
+    model, log, best = _fit(cfg, data)
+    config = model.config
     best_map = None if math.isnan(best["val_mAP"]) else best["val_mAP"]
     config.training.update(best_epoch=best["epoch"], best_val_mAP=best_map)
     if cfg.local:
@@ -378,7 +424,8 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
                                best["val_mAP_local"])
     save_adapter(out / ADAPTER, model)
     atomic.write_parquet(out / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
-    return {"captions": config.training["captions"], **({"images": len(order) - data.captions} if data.sources else {}),
+    return {"captions": config.training["captions"],
+            **({"images": len(data.rows) - data.captions} if data.sources else {}),
             "labels": len(data.vocabulary), "epochs_run": len(log),
             "best_epoch": best["epoch"], "best_val_mAP": best_map}
 

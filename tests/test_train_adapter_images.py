@@ -14,7 +14,7 @@ from ovml.pipeline import atomic
 from ovml.pipeline.adapter import load_adapter
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
-from ovml.pipeline.image_training import read_labelled_images
+from ovml.pipeline.image_training import pseudo_labels, read_labelled_images
 from ovml.pipeline.metrics import average_precision, mean_average_precision
 from ovml.pipeline.rundir import RunDir
 from ovml.pipeline.text_embeddings import embedding_array, write_text_embeddings
@@ -188,7 +188,8 @@ def test_a_seen_label_file_is_an_input_of_the_stage(tmp_path):
     (["--images", "train", "--images-per-label", "0"], "--images-per-label must be >= 1"),
     (["--images", "absent"], "holds no image cache; run `ovml embed-images`"),
     (["--images", "train", "--seen-labels", "nuswide:seen"], "--seen-labels nuswide:seen: the image cache is folder"),
-    (["--images", "train", "--local"], "drop --local or --images"),
+    (["--images", "train", "--local"], "drop --local (or --images"),
+    (["--unlabelled", "train", "--head", "query"], "drop --head query or --unlabelled"),
 ])
 def test_bad_image_flags_are_one_line_errors_with_exit_code_2(tmp_path, flags, message):
     label_emb = label_vectors()
@@ -206,3 +207,27 @@ def test_images_of_another_clip_model_are_refused(tmp_path):
     with pytest.raises(OvmlError, match="embedded with 'other:model'"):
         train_adapter(config(tmp_path, images="train"))
 
+
+
+def test_pseudo_labels_mark_each_labels_upper_score_mode():
+    rng = np.random.default_rng(0)
+    truth = rng.random((500, 3)) < [0.1, 0.3, 0.6]
+    scores = np.where(truth, 4.0, -1.0) + rng.normal(size=truth.shape) * [0.5, 1.0, 0.8]
+    assert (pseudo_labels(scores) == truth).mean(axis=0).min() > 0.97
+
+
+def test_unlabelled_images_join_training_with_their_labels_ignored(tmp_path):
+    label_emb = label_vectors()
+    for name in ("labelled", "bare"):
+        caption_run(tmp_path / name, label_emb, LABELS[:4])
+        image_cache(tmp_path / name, "train", label_emb)
+    items = atomic.read_parquet(tmp_path / "bare/images/train/items.parquet", "")
+    atomic.write_parquet(tmp_path / "bare/images/train/items.parquet", items.set_column(
+        items.schema.get_field_index("positives"), "positives", pa.array([[]] * len(items), pa.list_(pa.string()))))
+    for name in ("labelled", "bare"):
+        outcome = train_adapter(config(tmp_path / name, unlabelled="train"))
+    labelled, bare = ((tmp_path / name / "adapter/model.safetensors").read_bytes() for name in ("labelled", "bare"))
+    sources = load_adapter(tmp_path / "bare/adapter", CLIP, 16)[1].training["sources"]
+    assert labelled == bare and outcome.summary["images"] == 400
+    assert (sources["unlabelled"]["images"], sources["captions"]) == (400, 300)
+    assert "images/train/index.faiss" in RunDir(tmp_path / "bare").stage_record("train_adapter")["inputs"]
