@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_image_cache
@@ -23,10 +22,15 @@ class LabelledImages:
     """The images one training run learns from: vectors and their seen positives, in cache row order."""
 
     vectors: np.ndarray  # [k, d] float32, L2-normalised CLIP image embeddings
-    positives: pa.ListArray  # list<str> per image: only labels of `seen`
+    targets: LabelSets  # each image's positives, columns in `seen` order: labels outside it are dropped
     seen: list[str]  # the annotated labels: the cache's labels that were declared seen
     rows: np.ndarray  # [k] the cache rows used (all, or a sample per label)
     info: dict  # the cache's dataset.json
+
+    def positives(self) -> list[list[str]]:
+        """Each image's seen positives by name (a Python list per image: for inspection, not for 1M images)."""
+        return [[self.seen[c] for c in self.targets.indices[start:end]]
+                for start, end in zip(self.targets.offsets[:-1], self.targets.offsets[1:], strict=True)]
 
 
 def seen_label_list(spec: str, info: dict, default: list[str] | None) -> tuple[list[str], list[Path]]:
@@ -58,9 +62,11 @@ def read_labelled_images(directory: Path, seen: list[str], per_label: int | None
         raise OvmlError(f"none of the {len(seen)} seen labels is a label of {directory} (it has e.g. "
                         f"{sorted(cache_labels)[:3]}); check --seen-labels")
     targets, _ = LabelSets.from_lists(items.column("positives"), annotated)
-    rows = np.arange(len(items)) if per_label is None else _sample_per_label(targets, per_label, seed)
-    restricted = [[annotated[c] for c in targets.indices[targets.offsets[r]:targets.offsets[r + 1]]] for r in rows]
-    return LabelledImages(vectors[rows], pa.array(restricted, pa.list_(pa.string())), annotated, rows, info)
+    del items
+    if per_label is None:  # every image: no copy of the vectors (a 1M-image cache is 2 GB of them)
+        return LabelledImages(vectors, targets, annotated, np.arange(len(vectors)), info)
+    rows = _sample_per_label(targets, per_label, seed)
+    return LabelledImages(vectors[rows], targets.take(rows), annotated, rows, info)
 
 
 def _sample_per_label(targets: LabelSets, per_label: int, seed: int) -> np.ndarray:

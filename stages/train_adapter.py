@@ -286,8 +286,9 @@ def _with_images(data: TrainingData | None, cache: Path, cfg: TrainAdapterConfig
         label_emb = torch.cat([label_emb, torch.from_numpy(
             label_embeddings(encoder, extra, templates, cache_dir=run_dir / LABEL_CACHE))])
     vocabulary = vocabulary + extra
-    image_targets = _targets(images.positives, vocabulary)
-    vectors = torch.from_numpy(images.vectors.astype(cfg.store_dtype))
+    column = {label: i for i, label in enumerate(vocabulary)}
+    image_targets = images.targets.with_columns(np.array([column[label] for label in images.seen]), len(vocabulary))
+    vectors = torch.from_numpy(images.vectors.astype(cfg.store_dtype, copy=False))
     sources = {"images": {"cache": cfg.images, "dataset": info.get("dataset"), "split": info.get("image_split"),
                           "images": len(images.rows), "seen_labels": len(images.seen),
                           "per_label": cfg.images_per_label}}
@@ -295,7 +296,7 @@ def _with_images(data: TrainingData | None, cache: Path, cfg: TrainAdapterConfig
     if data is None:
         return TrainingData(vectors, torch.arange(len(vectors)), image_targets, label_emb, vocabulary, templates,
                             captions=0, sources=sources, patches=patches, patch_rows=images.rows)
-    caption_targets = LabelSets(data.targets.offsets, data.targets.indices, len(vocabulary))
+    caption_targets = data.targets.with_columns(np.arange(data.targets.n_labels), len(vocabulary))
     image_rows = len(data.embeddings) + torch.arange(len(vectors))
     return TrainingData(
         torch.cat([data.embeddings, vectors]), torch.cat([data.rows, image_rows]),

@@ -42,7 +42,7 @@ def test_the_train_list_is_embedded_beside_the_test_list(nuswide_images_run):
 def test_training_sees_only_the_seen_labels_of_the_train_images(nuswide_images_run, tiny_clip):
     images = read_labelled_images(nuswide_images_run / "images/nuswide-train", SEEN, None, seed=0)
     _, config = load_adapter(nuswide_images_run / "adapter", tiny_clip, load_clip(tiny_clip).dim)
-    assert images.positives.to_pylist() == [["dog"], ["sunset", "tree", "car"], ["sunset"]]
+    assert images.positives() == [["dog"], ["sunset", "tree", "car"], ["sunset"]]
     assert config.vocabulary == SEEN and not set(config.vocabulary) & set(helpers.NUS_CONCEPTS)
 
 

@@ -89,13 +89,13 @@ def test_the_seen_label_restriction_drops_every_other_label_from_the_images(tmp_
     targets = image_cache(tmp_path, "train", label_vectors())
     images = read_labelled_images(tmp_path / "images" / "train", LABELS[:4], None, seed=0)
     expected = [[LABELS[j] for j in np.flatnonzero(row[:4])] for row in targets]
-    assert images.positives.to_pylist() == expected and images.seen == LABELS[:4]
+    assert images.positives() == expected and images.seen == LABELS[:4]
 
 
 def test_images_per_label_samples_that_many_positives_of_each_seen_label(tmp_path):
     image_cache(tmp_path, "train", label_vectors())
     images = read_labelled_images(tmp_path / "images" / "train", LABELS[:4], 5, seed=0)
-    counts = [sum(label in row for row in images.positives.to_pylist()) for label in LABELS[:4]]
+    counts = [sum(label in row for row in images.positives()) for label in LABELS[:4]]
     assert min(counts) >= 5 and len(images.rows) <= 20
 
 
