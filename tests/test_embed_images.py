@@ -219,3 +219,13 @@ def test_an_unknown_local_store_is_a_one_line_error(tmp_path, tiny_clip):
     with pytest.raises(OvmlError, match="--local-store"):
         embed_images(config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"), local=True,
                             local_store="zip"))
+
+
+def test_the_index_reads_back_the_vectors_written_to_it(tmp_path):
+    from ovml.pipeline.image_cache import ivf_index, read_index, save_index, write_index
+
+    vectors = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    write_index(tmp_path / "flat.faiss", vectors)
+    save_index(tmp_path / "ivf.faiss", ivf_index(vectors, nlist=2))  # not flat: read through FAISS
+    np.testing.assert_array_equal(read_index(tmp_path / "flat.faiss"), vectors)
+    assert sorted(map(tuple, read_index(tmp_path / "ivf.faiss"))) == sorted(map(tuple, vectors))
