@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-images"))
     parser.add_argument("--testbed", type=Path, default=TestbedConfig.out)
     parser.add_argument("--root", default=str(FASHION_MNIST_ROOT))
-    parser.add_argument("--only", default="", help="run only rows whose name contains this")
+    parser.add_argument("--only", nargs="*", default=[], help="run only rows whose name contains one of these")
+    parser.add_argument("--epochs", type=int, default=None, help="override every row's epochs (a quicker look)")
     parser.add_argument("--out", type=Path, default=Path("docs/accuracy/images.json"))
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -111,11 +112,18 @@ def main() -> None:
         print(stage(), flush=True)
 
     previous = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
-    results = [r for r in previous if args.only and args.only not in r["row"]]  # --only re-runs those rows alone
+    # a run already in --out is kept (an interrupted benchmark resumes); --only re-runs the rows it names
+    results = [r for r in previous if not any(part in r["row"] for part in args.only)]
+    done = {(r["row"], r["seed"]) for r in results}
     for group, name, settings in rows(str(seen_file)):
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only):
             continue
+        if args.epochs is not None:
+            settings = {**settings, "epochs": args.epochs}
+            name = f"{name} (epochs {args.epochs})"
         for seed in args.seeds:
+            if (name, seed) in done:
+                continue
             run_dir = args.work / "rows" / f"{name.replace(' ', '_').replace('/', '-').replace(',', '')}-seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(base, run_dir, copy_function=os.link, ignore=shutil.ignore_patterns(ADAPTER, "eval",
