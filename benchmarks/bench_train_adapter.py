@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/bench_train_adapter.py --captions 10000 --prompt-labels 128   # quick look
     .venv/bin/python benchmarks/bench_train_adapter.py --captions 1000000 --labels 7586 --epochs 1 --no-steps
                                                                        # Open Images scale: peak RSS, s/epoch
+    .venv/bin/python benchmarks/bench_train_adapter.py --captions 1000 --images 1000000 --labels 7586 --epochs 1 \
+        --no-steps                    # image-supervised (train-adapter --images): 1M labelled images beside
+                                      # 1,000 captions (whose labels/train.parquet names the 7,586 labels)
 
 Synthetic data (random unit label embeddings, captions = their labels' sum plus noise): the cost is that of
 real data of the same shape; the val mAP printed says nothing about real accuracy. Prompt tuning is CoOp
@@ -67,6 +70,36 @@ def synthetic_run(root: Path, captions: int, labels: int, seed: int = 0, part_si
     return root
 
 
+def synthetic_images(root: Path, images: int, labels: int, seed: int = 1, chunk: int = 100_000) -> None:
+    """images/synthetic/ as embed-images writes it: `images` unit vectors, each the sum of its 1-4 labels'
+    embeddings (those of synthetic_run) plus noise, their labels in items.parquet."""
+    from ovml.pipeline.image_cache import FAILURES_SCHEMA, ITEMS_SCHEMA, write_image_cache
+
+    label_emb = unit(np.random.default_rng(0).normal(size=(labels, DIM)))  # synthetic_run's, same seed
+    vocabulary = pa.array([f"label {i}" for i in range(labels)])
+    rng = np.random.default_rng(seed)
+    vectors = np.empty((images, DIM), dtype=np.float32)
+    positives = []
+    for start in range(0, images, chunk):
+        n = min(chunk, images - start)
+        per_image = rng.integers(1, 5, size=n)
+        chosen = rng.integers(0, labels, size=(n, 4))
+        used = np.arange(4) < per_image[:, None]
+        vectors[start:start + n] = unit((label_emb[chosen] * used[..., None]).sum(axis=1)
+                                        + 0.05 * rng.normal(size=(n, DIM)))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(per_image)]).astype(np.int32))
+        positives.append(pa.ListArray.from_arrays(offsets, vocabulary.take(pa.array(chosen[used]))))
+    ids = pa.array([f"i{i:07d}" for i in range(images)])
+    items = pa.table({"row": pa.array(np.arange(images)), "image_id": ids, "path": ids,
+                      "positives": pa.chunked_array(positives), "negatives": pa.nulls(images, pa.list_(pa.string())),
+                      "ignored": pa.chunked_array([pa.array([[]] * images, pa.list_(pa.string()))])},
+                     schema=ITEMS_SCHEMA)
+    write_image_cache(root / "images" / "synthetic", vectors, items, FAILURES_SCHEMA.empty_table(), {
+        "dataset": "folder", "root": str(root), "clip": "ViT-B-16:random", "random_weights": True,
+        "labels": vocabulary.to_pylist(), "splits": {"all": vocabulary.to_pylist()}, "images": images,
+        "failures": 0})
+
+
 def adapter_step_seconds(cfg: TrainAdapterConfig, labels: int, repeats: int = 20) -> float:
     torch.manual_seed(0)
     model = Adapter(AdapterConfig(dim=DIM, clip=cfg.clip, vocabulary=[], hidden=cfg.hidden, dropout=cfg.dropout,
@@ -118,6 +151,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=100_000)
     parser.add_argument("--labels", type=int, default=1006)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--images", type=int, default=0, help="also train on this many labelled synthetic images")
     parser.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--no-steps", action="store_true", help="only the stage: skip the step comparison")
     parser.add_argument("--prompt-labels", type=int, default=1006,
@@ -126,16 +160,19 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     cfg = TrainAdapterConfig(clip="ViT-B-16:random", device="cpu", epochs=args.epochs, patience=args.epochs,
-                             store_dtype=args.store_dtype)
+                             store_dtype=args.store_dtype, images="synthetic" if args.images else "")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = synthetic_run(Path(tmp), args.captions, args.labels)
+        if args.images:
+            synthetic_images(run, args.images, args.labels)
         print(f"synthetic run dir: {time.perf_counter() - t0:.1f} s")
         cfg.run_dir = run
         outcome, _, peak = measure(train_adapter, cfg)  # a fresh process: its peak RSS is the stage's alone
         log = pq.read_table(run / "adapter/train_log.parquet").to_pylist()
     epoch_seconds = [r["seconds"] for r in log]
-    print(f"train-adapter: {args.captions:,} captions x {args.labels:,} labels, d={DIM}, hidden={cfg.hidden}, "
+    print(f"train-adapter: {args.captions:,} captions + {args.images:,} images x {args.labels:,} labels, d={DIM}, "
+          f"hidden={cfg.hidden}, "
           f"batch {cfg.batch_size}, --store-dtype {args.store_dtype}, {len(log)} epochs: {outcome.seconds:.1f} s "
           f"wall (epochs {sum(epoch_seconds):.1f} s, {np.mean(epoch_seconds):.1f} s/epoch incl. val mAP; "
           f"best val mAP {outcome.summary['best_val_mAP']:.3f}); peak RSS {peak / 2**30:.2f} GiB")

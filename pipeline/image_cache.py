@@ -17,6 +17,7 @@ patches_pq.npy, patches_pq.faiss   (--local --local-store pq, instead of patches
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,20 @@ def read_patches(directory: Path) -> np.ndarray | QuantizedPatches | None:
     return None
 
 
+FLAT_HEADER = 45  # a serialized IndexFlatIP/L2: fourcc, d, ntotal, two unused int64, is_trained, metric, count
+
+
 def read_index(path: Path) -> np.ndarray:
-    """All vectors of a flat index, as one float32 matrix."""
-    index = open_index(path)
+    """All vectors of a flat index, as one float32 matrix. A flat index's vectors are the file's tail, read there
+    in one copy: deserialising held the file's bytes, the index and its reconstruction at once (6 GB at 1M x 512)."""
+    with open(path, "rb") as f:
+        head = f.read(FLAT_HEADER)
+    if len(head) == FLAT_HEADER and head[:4] in (b"IxFI", b"IxF2"):
+        dim, n = struct.unpack("<iq", head[4:16])
+        count, = struct.unpack("<q", head[37:45])
+        if count == n * dim and Path(path).stat().st_size == FLAT_HEADER + 4 * count:
+            return np.fromfile(path, dtype=np.float32, offset=FLAT_HEADER, count=count).reshape(n, dim)
+    index = load_index(path)
     return index.reconstruct_n(0, index.ntotal)
 
 

@@ -102,7 +102,7 @@ RANGES: dict[str, Range] = {
     "noise": at_least(0), "hidden": at_least(1), "dropout": Range(0, 1, high_open=True), "alpha": ANY_FINITE,
     "scale": above(0), "epochs": at_least(1), "warmup_epochs": at_least(0), "val_fraction": Range(0, 1, high_open=True),
     "patience": at_least(1),  # epochs without a gain before stopping: 1 stops at the first one
-    "local_top_k": at_least(1),
+    "local_top_k": at_least(1), "queries": at_least(1), "images_per_label": at_least(1), "distill": at_least(0),
     # eval
     "local_weight": Range(0, 1),
     # predict, search
@@ -237,7 +237,11 @@ class TrainAdapterConfig(StageSettings):
                           "in training: a per-dimension standard deviation, so the expected noise norm is "
                           "sigma*sqrt(d) (0.04 * sqrt(512) = 0.9). 0 turns it off.")
     renorm: bool = option(False, "Re-normalise embeddings after adding noise.", flag="--renorm/--no-renorm")
-    head: Literal["cosine", "magnitude"] = option("cosine", "cosine: s*cos(h, w); magnitude: s*<h, w> keeps |h|.")
+    head: Literal["cosine", "magnitude", "query"] = option(
+        "cosine", "cosine: s*cos(h, w); magnitude: s*<h, w> keeps |h|; query: learnable queries attend over tokens "
+        "(caption words: embed-text --local; image patches: embed-images --local) and each label pools its queries' "
+        "scores.")
+    queries: int = option(8, "--head query: how many queries.")
     loss: Literal["asl", "bce", "rank"] = option("asl", "asl (asymmetric), bce or rank.")
     hidden: int = option(512, "MLP hidden width.")
     dropout: float = option(0.1, "Dropout in the MLP.")
@@ -260,12 +264,27 @@ class TrainAdapterConfig(StageSettings):
         "top-k", "How the local head pools a label's token scores: softmax (softmax-weighted mean) or top-k (mean of "
         "the k best); top-k beat softmax on the testbed (docs/accuracy.md).")
     local_top_k: int = option(4, "k of --local-pooling top-k.")
+    images: str = option("", "Also learn from the labelled images of this image cache (images/<name>/, e.g. "
+                         "fashion-mnist-train from embed-images --split train); no noise on them.")
+    seen_labels: str = option("", "The labels annotated on those images (the rest stay unannotated, as zero-shot "
+                              "protocols require): a label file or DATASET:SPLIT such as nuswide:seen.",
+                              shown="the caption vocabulary")
+    images_per_label: int | None = option(None, "Learn from a seeded sample of N images per seen label (few-shot).",
+                                          shown="all of them")
+    captions: bool = option(True, "--no-captions: learn from --images alone.", flag="--captions/--no-captions")
+    distill: float = option(0.0, "MKT's distillation weight: keeps adapted image embeddings near CLIP's (needs "
+                            "--images).")
+    unlabelled: str = option("", "Self-training on an image cache without its labels: a first adapter pseudo-labels "
+                             "its images, the final one learns from them beside the captions (e.g. "
+                             "fashion-mnist-train).")
 
 
 @dataclass
 class EmbedImagesConfig(EngineSettings):
     dataset: str = option("folder", "nuswide, openimages, coco2014, voc2007, fashion-mnist or folder.")
     root: str = option("", "The dataset's release folder (for folder: the CSV with path,labels).")
+    split: str = option("", "Which images: fashion-mnist t10k or train, nuswide test or train, folder test or train "
+                        "(names the cache: images/<dataset>-train/).", shown="the test split")
     limit: int | None = option(None, "Embed only the first N images (a quick subset).")
     mosaic: int = option(2, "fashion-mnist: K for KxK multi-label grids.")
     local: bool = option(False, "Also cache patch features for eval's +local rows; ViT towers only.")
