@@ -115,7 +115,7 @@ def main() -> None:
     rows = []
     for labels in sorted(args.labels):
         if labels > args.measure_up_to:
-            rows.append(extrapolated(rows[-1], labels))
+            rows.append(extrapolated(rows, labels))
             continue
         row = {"labels": labels}
         with tempfile.TemporaryDirectory() as tmp:
@@ -144,12 +144,16 @@ def main() -> None:
     print(markdown(rows))
 
 
-def extrapolated(row: dict, labels: int) -> dict:
-    """A size not run: TaI-DPT's steps and the label embeddings are linear in the prompts, so in the labels;
-    the adapter's time is taken as measured at the largest size (its label-dependent part is small)."""
+def extrapolated(rows: list[dict], labels: int) -> dict:
+    """A size not run: TaI-DPT's steps and the label embeddings are linear in the prompts, so in the labels (scaled
+    from the largest measured size); the adapter's time is affine in the labels (its [batch x labels] logits and
+    loss), so it is continued along the line through the two largest measured sizes."""
+    small, row = rows[-2], rows[-1]
+    slope = (row["adapter_seconds"] - small["adapter_seconds"]) / (row["labels"] - small["labels"])
     ratio = labels / row["labels"]
-    out = {"labels": labels, "extrapolated_from": row["labels"], "adapter_seconds": row["adapter_seconds"],
-           "taidpt_extrapolated": True, "taidpt_steps": row["taidpt_steps"]}
+    out = {"labels": labels, "extrapolated_from": row["labels"], "taidpt_extrapolated": True,
+           "adapter_seconds": row["adapter_seconds"] + slope * (labels - row["labels"]),
+           "taidpt_steps": row["taidpt_steps"]}
     for key in ("labels_pool_seconds", "labels_single_seconds", "taidpt_step_seconds", "taidpt_seconds"):
         out[key] = row[key] * ratio
     return out
