@@ -45,19 +45,20 @@ def unit(m: np.ndarray) -> np.ndarray:
     return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def synthetic_run(root: Path, captions: int, labels: int, seed: int = 0, part_size: int = 50_000) -> Path:
+def synthetic_run(root: Path, captions: int, labels: int, seed: int = 0, part_size: int = 50_000,
+                  dim: int = DIM) -> Path:
     """captions/ and text_emb/ in parts of part_size, as generate-text and embed-text write them, never holding
     a [captions, labels] matrix (1M x 7,586 would be 30 GB as float32)."""
     rng = np.random.default_rng(seed)
     vocabulary = pa.array([f"label {i}" for i in range(labels)])
-    label_emb = unit(rng.normal(size=(labels, DIM)))
+    label_emb = unit(rng.normal(size=(labels, dim)))
     (root / "captions").mkdir(parents=True)
     for part, start in enumerate(range(0, captions, part_size)):
         n = min(part_size, captions - start)
         per_caption = rng.integers(1, 5, size=n)
         chosen = rng.integers(0, labels, size=(n, 4))  # the first per_caption of each row; a repeat is rare
         used = np.arange(4) < per_caption[:, None]
-        text = unit((label_emb[chosen] * used[..., None]).sum(axis=1) + 0.05 * rng.normal(size=(n, DIM)))
+        text = unit((label_emb[chosen] * used[..., None]).sum(axis=1) + 0.05 * rng.normal(size=(n, dim)))
         ids = [f"c{i:07d}" for i in range(start, start + n)]
         offsets = pa.array(np.concatenate([[0], np.cumsum(per_caption)]).astype(np.int32))
         caption_labels = pa.ListArray.from_arrays(offsets, vocabulary.take(pa.array(chosen[used])))
