@@ -192,8 +192,11 @@ def train_adapter(
         "0.9). 0 turns it off. \\[default: 0.04]")] = None,
     renorm: Annotated[bool | None, typer.Option("--renorm/--no-renorm",
                                                 help="Re-normalise embeddings after adding noise.")] = None,
-    head: Annotated[str | None, typer.Option(help="cosine: s*cos(h, w); magnitude: s*<h, w> keeps |h|. "
-                                             "\\[default: cosine]")] = None,
+    head: Annotated[str | None, typer.Option(help="cosine: s*cos(h, w); magnitude: s*<h, w> keeps |h|; query: "
+                                             "learnable queries attend over tokens (caption words: embed-text "
+                                             "--local; image patches: embed-images --local) and each label pools "
+                                             "its queries' scores. \\[default: cosine]")] = None,
+    queries: Annotated[int | None, typer.Option(help="--head query: how many queries. \\[default: 8]")] = None,
     loss: Annotated[str | None, typer.Option(help="asl (asymmetric), bce or rank. \\[default: asl]")] = None,
     hidden: Annotated[int | None, typer.Option(help="MLP hidden width. \\[default: 512]")] = None,
     dropout: Annotated[float | None, typer.Option(help="\\[default: 0.1]")] = None,
@@ -222,9 +225,26 @@ def train_adapter(
                                                       "softmax (softmax-weighted mean) or top-k (mean of the k "
                                                       "best). \\[default: top-k]")] = None,
     local_top_k: Annotated[int | None, typer.Option(help="k of --local-pooling top-k. \\[default: 4]")] = None,
+    images: Annotated[str | None, typer.Option(help="Also learn from the labelled images of this image cache "
+                                               "(images/<name>/, e.g. fashion-mnist-train from embed-images "
+                                               "--split train); no noise on them.")] = None,
+    seen_labels: Annotated[str | None, typer.Option(help="The labels annotated on those images (the rest stay "
+                                                    "unannotated, as zero-shot protocols require): a label file or "
+                                                    "DATASET:SPLIT such as nuswide:seen. Default: the caption "
+                                                    "vocabulary.")] = None,
+    images_per_label: Annotated[int | None, typer.Option(help="Learn from a seeded sample of N images per seen "
+                                                         "label (few-shot). Default: all of them.")] = None,
+    captions: Annotated[bool | None, typer.Option("--captions/--no-captions", help="--no-captions: learn from "
+                                                  "--images alone.")] = None,
+    distill: Annotated[float | None, typer.Option(help="MKT's distillation weight: keeps adapted image embeddings "
+                                                  "near CLIP's (needs --images). \\[default: 0]")] = None,
+    unlabelled: Annotated[str | None, typer.Option(help="Self-training on an image cache without its labels: a "
+                                                   "first adapter pseudo-labels its images, the final one learns "
+                                                   "from them beside the captions (e.g. fashion-mnist-train).")]
+    = None,
     force: ForceOpt = None,
 ) -> None:
-    """Train the adapter on noise-perturbed caption embeddings -> adapter/model.safetensors."""
+    """Train the adapter on noise-perturbed caption embeddings (and labelled images) -> adapter/model.safetensors."""
     options = dict(locals())
     from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 
@@ -241,6 +261,9 @@ def embed_images(
                                                 "or folder. \\[default: folder]")] = None,
     root: Annotated[str | None, typer.Option(help="The dataset's release folder (for folder: the CSV with "
                                              "path,labels).")] = None,
+    split: Annotated[str | None, typer.Option(help="Which images: fashion-mnist t10k or train, nuswide test or "
+                                              "train, folder test or train (names the cache: images/<dataset>-train"
+                                              "/). Default: the test split.")] = None,
     limit: Annotated[int | None, typer.Option(help="Embed only the first N images (a quick subset).")] = None,
     mosaic: Annotated[int | None, typer.Option(help="fashion-mnist: K for KxK multi-label grids. "
                                                "\\[default: 2]")] = None,

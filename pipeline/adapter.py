@@ -42,8 +42,9 @@ class AdapterConfig:
     hidden: int = 512
     dropout: float = 0.1
     alpha: float = 0.5
-    head: Literal["cosine", "magnitude"] = "cosine"
+    head: Literal["cosine", "magnitude", "query"] = "cosine"
     scale: float = 20.0
+    queries: int = 8  # the query head's learnable label-agnostic queries (head "query" only)
     local_pooling: Literal["softmax", "top-k"] | None = None  # None: no local head (train-adapter without --local)
     local_top_k: int = 4  # top-k pooling: a label's local score is the mean of its k best tokens or patches
     architecture: str = ARCHITECTURE
@@ -67,6 +68,10 @@ class Adapter(torch.nn.Module):
 
     With a local head (config.local_pooling), a second MLP of the same shape adapts token features: trained on
     a caption's word tokens, applied to an image's patches, its per-token logits pooled over tokens per label.
+
+    The query head (head "query") replaces the global logits: a few learnable queries attend over the adapted
+    global embedding and the adapted tokens (query_features), and each label scores the queries (query_logits);
+    no parameter belongs to a label, so it scores any label list, as the other heads do.
     """
 
     def __init__(self, config: AdapterConfig):
@@ -75,9 +80,14 @@ class Adapter(torch.nn.Module):
         self.head, self.alpha, self.scale = config.head, config.alpha, config.scale
         self.mlp = _residual_mlp(config)
         self.bias = torch.nn.Parameter(torch.zeros(()))
-        if config.local_pooling is not None:
+        if config.local_pooling is not None or config.head == "query":
             self.local_mlp = _residual_mlp(config)
             self.local_bias = torch.nn.Parameter(torch.zeros(()))
+        if config.head == "query":
+            self.queries = torch.nn.Parameter(torch.randn(config.queries, config.dim) / config.dim ** 0.5)
+            self.key = torch.nn.Linear(config.dim, config.dim, bias=False)
+            torch.nn.init.eye_(self.key.weight)
+            self.attention_scale = torch.nn.Parameter(torch.tensor(float(config.dim) ** 0.5))
 
     def forward(self, x: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
         return self.logits(self.features(x), label_emb)
@@ -103,9 +113,40 @@ class Adapter(torch.nn.Module):
         z = self.scale * h @ F.normalize(label_emb, dim=-1).T + self.local_bias
         return pool_tokens(z, mask, self.config.local_pooling, self.config.local_top_k)
 
+    def query_features(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """[n, queries, d]: each learnable query's attention-weighted mix of the adapted global embedding and the
+        adapted tokens (an image's patches, a caption's words; `mask` [n, tokens] marks real ones), unit norm.
+        Label-agnostic: computed once per image, then scored against any label list by query_logits."""
+        h = self.features(x)[:, None]
+        t = torch.cat([h, self.local_features(tokens)], dim=1)
+        real = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+        if mask is not None:
+            real[:, 1:] = mask
+        attention = self.attention_scale * F.normalize(self.queries, dim=-1) @ F.normalize(self.key(t), dim=-1
+                                                                                              ).transpose(1, 2)
+        attention = attention.masked_fill(~real[:, None], torch.finfo(attention.dtype).min).softmax(dim=-1)
+        return F.normalize(attention @ t, dim=-1)
+
+    def query_logits(self, q: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
+        """[n, labels] from query features [n, queries, d]: every label pools its queries' scores (softmax-weighted,
+        so each label leans on the queries that match it: QKS's selection), one shared bias."""
+        z = self.scale * q @ F.normalize(label_emb, dim=-1).T
+        return pool_tokens(z, None, "softmax", 0) + self.local_bias
+
+    @torch.inference_mode()
+    def all_query_features(self, x: torch.Tensor, patches, rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """query_features of images `rows` (vectors x [n, d]; patches a cache's [cached, patches, d] array read
+        batch by batch), float32 [n, queries, d]."""
+        out = torch.empty((len(x), self.config.queries, x.shape[1]), dtype=torch.float32, device=x.device)
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(np.asarray(patches[rows[start:start + batch_size]], dtype=np.float32))
+            out[start:start + batch_size] = self.query_features(x[start:start + batch_size].float(), batch.to(x.device))
+        return out
+
     def _adapted(self, x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
         h = x + self.alpha * mlp(x)
-        return F.normalize(h, dim=-1) if self.head == "cosine" else h
+        return h if self.head == "magnitude" else F.normalize(h, dim=-1)
 
     @torch.inference_mode()
     def all_features(self, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
@@ -135,6 +176,7 @@ def _residual_mlp(config: AdapterConfig) -> torch.nn.Sequential:
 
 
 POOLINGS = ("softmax", "top-k")
+HEADS = ("cosine", "magnitude", "query")
 LOCAL_WEIGHT = 0.25  # eval's +local rows and predict --local: fuse_local's default weight
 
 

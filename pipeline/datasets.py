@@ -64,9 +64,14 @@ class Dataset:
     annotation_files: list[Path]
 
 
-def read_dataset(name: str, root: str | Path | None, mosaic: int = 2) -> Dataset:
+def read_dataset(name: str, root: str | Path | None, mosaic: int = 2, split: str | None = None) -> Dataset:
+    """The dataset's images of `split` (default: its first split, the one the protocols evaluate)."""
     if name not in DATASETS:
         raise OvmlError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
+    splits = DATASETS[name].splits
+    split = split or splits[0]
+    if split not in splits:
+        raise OvmlError(f"{name} has no split '{split}'; --split must be one of: {', '.join(splits)}")
     if not root:
         if name != "fashion-mnist":
             raise OvmlError(f"--root is required for {name}: {DATASETS[name].layout}")
@@ -76,7 +81,14 @@ def read_dataset(name: str, root: str | Path | None, mosaic: int = 2) -> Dataset
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise OvmlError(f"--root {root} does not exist; {name} expects {DATASETS[name].layout}")
-    return DATASETS[name].read(root, mosaic)
+    return DATASETS[name].read(root, mosaic, split)
+
+
+def cache_name(dataset: str, split: str | None = None) -> str:
+    """The image cache's name (images/<name>/): the dataset's own for its default split, `<dataset>-<split>`
+    for another, so a train-split cache never replaces the test cache eval reads."""
+    default = DATASETS[dataset].splits[0] if dataset in DATASETS else None
+    return dataset if not split or split == default else f"{dataset}-{split}"
 
 
 def _need(path: Path, dataset: str) -> Path:
@@ -94,7 +106,7 @@ def _binary_matrix(path: Path, rows: int, dataset: str) -> np.ndarray:
     data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     digits = data[(data == ord("0")) | (data == ord("1"))]
     if rows == 0 or digits.size % rows:
-        raise OvmlError(f"{path} has {digits.size} 0/1 values, not a multiple of the {rows} test images; "
+        raise OvmlError(f"{path} has {digits.size} 0/1 values, not a multiple of the {rows} images listed; "
                         f"--root for {dataset} must hold {DATASETS[dataset].layout}")
     return (digits == ord("1")).reshape(rows, -1)
 
@@ -106,11 +118,12 @@ def _records_from_matrix(image_ids: list[str], paths: list[str], positive: np.nd
             for image_id, path, row in zip(image_ids, paths, positive, strict=True)]
 
 
-def _read_nuswide(root: Path) -> Dataset:
-    name = "nuswide"
-    image_list = _need(root / "ImageList" / "TestImagelist.txt", name)
+def _read_nuswide(root: Path, split: str = "test") -> Dataset:
+    """The test (or train) list: the same files with Test replaced by Train, the release's own naming."""
+    name, part = "nuswide", split.capitalize()
+    image_list = _need(root / "ImageList" / f"{part}Imagelist.txt", name)
     tag_list = _need(root / "NUS_WID_Tags" / "TagList1k.txt", name)
-    tags_file = _need(root / "NUS_WID_Tags" / "Test_Tags1k.dat", name)
+    tags_file = _need(root / "NUS_WID_Tags" / f"{part}_Tags1k.dat", name)
     concepts_file = root / "Concepts81.txt"
     if not concepts_file.exists() and (root / "ConceptsList" / "Concepts81.txt").exists():
         concepts_file = root / "ConceptsList" / "Concepts81.txt"  # where the official zip unpacks it
@@ -120,14 +133,15 @@ def _read_nuswide(root: Path) -> Dataset:
     relative = [line.replace("\\", "/") for line in _lines(image_list)]
     tags = _lines(tag_list)
     concepts = _lines(concepts_file)
-    label_files = [_need(root / "Groundtruth" / "TrainTestLabels" / f"Labels_{c}_Test.txt", name) for c in concepts]
+    label_files = [_need(root / "Groundtruth" / "TrainTestLabels" / f"Labels_{c}_{part}.txt", name)
+                   for c in concepts]
 
     tag_matrix = _binary_matrix(tags_file, len(relative), name)
     if tag_matrix.shape[1] != len(tags):
         raise OvmlError(f"{tags_file} has {tag_matrix.shape[1]} columns but {tag_list} lists {len(tags)} tags")
     concept_matrix = np.concatenate([_binary_matrix(f, len(relative), name) for f in label_files], axis=1)
     if concept_matrix.shape[1] != len(concepts):
-        raise OvmlError(f"each Labels_<concept>_Test.txt must have one 0/1 line per image of {image_list}")
+        raise OvmlError(f"each Labels_<concept>_{part}.txt must have one 0/1 line per image of {image_list}")
     concept_set = set(concepts)
     seen_columns = [i for i, tag in enumerate(tags) if tag not in concept_set]
     seen = [tags[i] for i in seen_columns]
@@ -266,11 +280,12 @@ def _read_voc2007(root: Path) -> Dataset:
     return Dataset(name, root, labels, {"all": labels}, records, class_files)
 
 
-def _read_fashion_mnist(root: Path, mosaic: int) -> Dataset:
+def _read_fashion_mnist(root: Path, mosaic: int, split: str) -> Dataset:
+    """K x K mosaics of one split's images, drawn the same way for either split (a seeded permutation)."""
     name = "fashion-mnist"
     if mosaic < 1:
         raise OvmlError(f"--mosaic must be at least 1 (K for K x K grids), got {mosaic}")
-    images, classes, images_file, labels_file = read_fashion_mnist_split(root, "t10k")
+    images, classes, images_file, labels_file = read_fashion_mnist_split(root, split)
     per_grid = mosaic * mosaic
     count = len(images) // per_grid
     if count == 0:
@@ -384,8 +399,9 @@ class DatasetSpec:
     """A dataset as ovml knows it: its release layout, its reader (root, mosaic K), its evaluation protocols."""
 
     layout: str
-    read: Callable[[Path, int], Dataset]
+    read: Callable[[Path, int, str], Dataset]
     protocols: tuple[Protocol, ...] = ALL_LABELS
+    splits: tuple[str, ...] = ("test",)  # the images embed-images --split may pick; the first is the default
 
 
 # The one table of datasets (open_clip's pretrained registry is the model): embed-images, eval and the
@@ -394,27 +410,29 @@ DATASETS: dict[str, DatasetSpec] = {
     "nuswide": DatasetSpec(
         layout="the NUS-WIDE release: Flickr/, ImageList/TestImagelist.txt, "
                "Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt, NUS_WID_Tags/TagList1k.txt, "
-               "NUS_WID_Tags/Test_Tags1k.dat and Concepts81.txt",
-        read=lambda root, mosaic: _read_nuswide(root),
-        protocols=zero_shot_protocols((3, 5))),
+               "NUS_WID_Tags/Test_Tags1k.dat and Concepts81.txt (Train in place of Test for --split train)",
+        read=lambda root, mosaic, split: _read_nuswide(root, split),
+        protocols=zero_shot_protocols((3, 5)), splits=("test", "train")),
     "openimages": DatasetSpec(
         layout="the Open Images folder: 2018_04/{class-descriptions.csv, classes-trainable.txt, "
                "top_400_unseen.csv, test/images.csv, test/test-annotations-human-imagelabels.csv} "
                "and test/<ImageID>.jpg",
-        read=lambda root, mosaic: _read_openimages(root),
+        read=lambda root, mosaic, split: _read_openimages(root),
         protocols=zero_shot_protocols((10, 20))),
     "coco2014": DatasetSpec(
         layout="the COCO 2014 folder: annotations/instances_val2014.json and val2014/",
-        read=lambda root, mosaic: _read_coco2014(root)),
+        read=lambda root, mosaic, split: _read_coco2014(root)),
     "voc2007": DatasetSpec(
         layout="the VOCdevkit folder: VOC2007/ImageSets/Main/<class>_test.txt and VOC2007/JPEGImages/",
-        read=lambda root, mosaic: _read_voc2007(root)),
+        read=lambda root, mosaic, split: _read_voc2007(root)),
     "fashion-mnist": DatasetSpec(
         layout="the Fashion-MNIST IDX files t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] "
+               "(train-*: --split train) "
                "(`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist)",
-        read=_read_fashion_mnist),
+        read=_read_fashion_mnist, splits=("t10k", "train")),
     "folder": DatasetSpec(
         layout="a CSV file with a header `path,labels`: one image per row, labels separated by '|', "
                "paths relative to the CSV",
-        read=lambda root, mosaic: _read_folder(root)),
+        read=lambda root, mosaic, split: _read_folder(root),
+        splits=("test", "train")),  # one CSV per split: the split only names the cache
 }

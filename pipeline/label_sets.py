@@ -43,6 +43,27 @@ class LabelSets:
         indices = cols.to_numpy(zero_copy_only=False)[known].astype(np.int32)
         return cls(offsets, indices, len(labels)), unknown
 
+    @classmethod
+    def concat(cls, parts: list[LabelSets]) -> LabelSets:
+        """The rows of each part in turn; every part must count columns in the same label list."""
+        if len({part.n_labels for part in parts}) != 1:
+            raise ValueError("label sets over different label lists")
+        starts = np.cumsum([0] + [len(part.indices) for part in parts[:-1]])
+        offsets = np.concatenate([[0]] + [part.offsets[1:] + start for part, start in zip(parts, starts, strict=True)])
+        return cls(offsets.astype(np.int64), np.concatenate([part.indices for part in parts]), parts[0].n_labels)
+
+    def take(self, rows: np.ndarray) -> LabelSets:
+        """The given rows, in that order."""
+        starts, ends = self.offsets[rows], self.offsets[np.asarray(rows) + 1]
+        lengths = ends - starts
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        entry = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths) + np.repeat(starts, lengths)
+        return LabelSets(offsets, self.indices[entry], self.n_labels)
+
+    def with_columns(self, position: np.ndarray, n_labels: int) -> LabelSets:
+        """The same sets over another label list: column c becomes position[c] among n_labels."""
+        return LabelSets(self.offsets, np.asarray(position, dtype=np.int32)[self.indices], n_labels)
+
     def dense(self, rows: np.ndarray | slice | None = None, columns: np.ndarray | None = None) -> np.ndarray:
         """[len(rows), len(columns)] bool: the given rows (default all) restricted to the given label columns
         (default all, in order); a label listed twice in a row is simply True."""

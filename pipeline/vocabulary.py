@@ -20,7 +20,7 @@ IRREGULAR_PLURALS = {
     "wolf": "wolves", "shelf": "shelves", "loaf": "loaves", "calf": "calves", "life": "lives", "wife": "wives",
 }
 _IRREGULAR_SINGULARS = {plural: singular for singular, plural in IRREGULAR_PLURALS.items()}
-_DATASET_SPLIT = re.compile(r"[A-Za-z0-9_-]+:[A-Za-z0-9_-]+")
+DATASET_SPLIT = re.compile(r"[A-Za-z0-9_-]+:[A-Za-z0-9_-]+")
 _SIBILANT = ("s", "x", "z", "ch", "sh")
 _VOWELS = "aeiou"
 
@@ -51,7 +51,7 @@ def load_vocabulary(spec: str, dataset_root: str | None = None) -> Vocabulary:
     if not spec:
         raise OvmlError("no label vocabulary given; pass --labels FILE (one label per line)")
     path = Path(spec)
-    if not path.exists() and _DATASET_SPLIT.fullmatch(spec):
+    if not path.exists() and DATASET_SPLIT.fullmatch(spec):
         return _dataset_split(spec, dataset_root)
     if not path.is_file():
         raise OvmlError(f"labels file {path} does not exist; pass a text file with one label per line to --labels")

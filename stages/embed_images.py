@@ -23,7 +23,7 @@ from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import image_cache
 from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
-from ovml.pipeline.datasets import Dataset, Record, read_dataset
+from ovml.pipeline.datasets import DATASETS, Dataset, Record, cache_name, read_dataset
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import (
     FAILURES_SCHEMA,
@@ -47,6 +47,7 @@ class EmbedImagesConfig:
     device: str = not_fingerprinted("auto")
     dataset: str = "folder"  # a name in pipeline/datasets.py DATASETS
     root: str = ""
+    split: str = ""  # one of the dataset's splits (fashion-mnist: t10k, train); "" is its first, the test split
     limit: int | None = None
     mosaic: int = 2
     local: bool = False  # also cache per-patch features for local scoring in eval
@@ -67,19 +68,22 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
     check_engine(cfg.engine, cfg.ray_actors)
     if cfg.local and cfg.engine == "ray":
         raise OvmlError("--local (patch features) runs on the local engine only for now; drop --engine ray")
-    dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic)
+    dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic, split=cfg.split)
     if not dataset.records:
-        raise OvmlError(f"{dataset.name} under {dataset.root} lists no test images; check --root")
+        raise OvmlError(f"{dataset.name} under {dataset.root} lists no images; check --root")
+    name = cache_name(dataset.name, cfg.split)
     run_dir = RunDir(cfg.run_dir)
     params = {**as_params(cfg), "root": str(dataset.root),
               "mosaic": cfg.mosaic if dataset.name == "fashion-mnist" else None}
+    if name == dataset.name:  # the default split: caches made before --split existed keep their fingerprint
+        del params["split"]
     if cfg.local_store not in PATCH_STORES:
         raise OvmlError(f"--local-store must be one of {', '.join(PATCH_STORES)}, got '{cfg.local_store}'")
     if not cfg.local:  # caches made before --local existed keep their fingerprint: no re-embedding
         del params["local"], params["local_store"]
-    output = image_cache(dataset.name)
+    output = image_cache(name)
     return run_stage(
-        run_dir, f"embed_images/{cfg.dataset}", params=params,
+        run_dir, f"embed_images/{name}", params=params,
         # The annotation files define the dataset; hashing every image on each run would cost about as
         # much as embedding it, so an image edited in place needs --force.
         inputs=dataset.annotation_files,
@@ -125,12 +129,13 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
     write_image_cache(directory, vectors, _items_table(kept), _failures_table(records, failed), {
         "dataset": dataset.name, "root": str(dataset.root), "clip": cfg.clip,
         "random_weights": encoder.random_weights, "labels": dataset.labels, "splits": dataset.splits,
-        "images": len(kept), "failures": len(failed),
+        "images": len(kept), "failures": len(failed), "image_split": cfg.split or DATASETS[dataset.name].splits[0],
     })
     for chunk in chunks.glob("chunk-*.parquet"):
         chunk.unlink()
     chunks.rmdir()
-    summary = {"dataset": dataset.name, "images": len(kept), "failures": len(failed), "reused": len(done)}
+    summary = {"dataset": dataset.name, "cache": directory.name, "images": len(kept), "failures": len(failed),
+               "reused": len(done)}
     if todo:
         summary["images_per_s"] = round(len(todo) / seconds, 2)
     return summary
@@ -159,7 +164,8 @@ def _chunks_locally(cfg: EmbedImagesConfig, records: list[Record], todo: list[in
 def _chunks_on_ray(cfg: EmbedImagesConfig, dataset: Dataset, batches: list[list[int]]):
     """The same (first row, chunk table) pairs, from CLIP actors; each actor reads the dataset itself."""
     items = [{UNIT: rows[0], "rows": rows} for rows in batches]
-    worker_args = (cfg.clip, cfg.device, dataset.name, str(dataset.root), cfg.mosaic, cfg.limit, cfg.workers)
+    worker_args = (cfg.clip, cfg.device, dataset.name, str(dataset.root), cfg.mosaic, cfg.split, cfg.limit,
+                   cfg.workers)
     for first_row, table in ray_map(items, {rows[0]: len(rows) for rows in batches}, ImageChunkWorker, worker_args,
                                     address=cfg.ray_address, actors=cfg.ray_actors, device=cfg.device):
         yield first_row, pa.table([table[name].combine_chunks() for name in CHUNK_COLUMNS], names=CHUNK_COLUMNS)
@@ -172,10 +178,10 @@ class ImageChunkWorker:
     counterpart of the local engine's DataLoader workers: one core decodes far fewer images than a GPU embeds.
     """
 
-    def __init__(self, clip: str, device: str, dataset: str, root: str, mosaic: int, limit: int | None,
+    def __init__(self, clip: str, device: str, dataset: str, root: str, mosaic: int, split: str, limit: int | None,
                  workers: int):
         self.encoder = load_clip(clip, device)
-        self.records = read_dataset(dataset, root, mosaic=mosaic).records[:limit]
+        self.records = read_dataset(dataset, root, mosaic=mosaic, split=split).records[:limit]
         self.decoders = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

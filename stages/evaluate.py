@@ -156,19 +156,28 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
     adapter_emb = label_embeddings(encoder, score_labels, adapter_config.label_templates,
                                    cache_dir=run_dir / LABEL_CACHE)
     images = torch.from_numpy(vectors)
-    scorers = {"adapter": Scorer(adapter.all_features(images), torch.from_numpy(adapter_emb), adapter.logits),
+    patches = read_patches(cache)
+    if patches is not None and len(patches) != len(items):
+        raise OvmlError(f"{cache} is inconsistent ({len(items)} items, {len(patches)} patch rows); re-run "
+                        "`ovml embed-images --local --force`")
+    query = adapter_config.head == "query"
+    if query and patches is None:
+        raise OvmlError(f"the adapter has a query head, which attends over image patches, and {cache} has none; "
+                        f"re-run `ovml embed-images --local --force --dataset {cfg.dataset}`")
+    # the query head's features are its queries' [images, queries, d], computed once and scored against any labels
+    scorers = {"adapter": Scorer(adapter.all_query_features(images, patches, np.arange(len(images))),
+                                 torch.from_numpy(adapter_emb), adapter.query_logits) if query else
+               Scorer(adapter.all_features(images), torch.from_numpy(adapter_emb), adapter.logits),
                "zero-shot": Scorer(images, torch.from_numpy(zero_shot_emb), lambda h, w: h @ w.T)}
+    if patches is not None:
+        for method, patch_scores in _patch_pooling(adapter, cfg.local_top_k).items():
+            if query and method == "adapter":  # the query head already scores the patches
+                continue
+            scorers[f"{method}+local"] = LocalScorer(scorers[method], patches, np.arange(len(patches)), patch_scores,
+                                                     cfg.local_weight)
     ceiling = None
     if cfg.ceiling is not None:
         scorers["ceiling"], ceiling = _ceiling_scorer(run_dir / image_cache(cfg.ceiling), images, score_labels)
-    patches = read_patches(cache)
-    if patches is not None:
-        if len(patches) != len(items):
-            raise OvmlError(f"{cache} is inconsistent ({len(items)} items, {len(patches)} patch rows); re-run "
-                            "`ovml embed-images --local --force`")
-        for method, patch_scores in _patch_pooling(adapter, cfg.local_top_k).items():
-            scorers[f"{method}+local"] = LocalScorer(scorers[method], patches, np.arange(len(patches)), patch_scores,
-                                                     cfg.local_weight)
     truth = ground_truth(items, score_labels)
     column = {label: i for i, label in enumerate(score_labels)}
 
@@ -228,7 +237,7 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
 class Scorer:
     """One method's scores for any rows x label columns, computed on demand: never held as [images, labels]."""
 
-    features: torch.Tensor  # [images, d]: the image vectors, or the adapter's features of them
+    features: torch.Tensor  # [images, d]: the image vectors, or the adapter's features of them ([images, q, d])
     label_emb: torch.Tensor  # [labels, d] in score-label order
     logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -55,12 +55,15 @@ def predict(cfg: PredictConfig) -> list[dict]:
         run_dir.verified_hashes([p for p in (run_dir / ADAPTER_WEIGHTS, run_dir / ADAPTER_CONFIG) if p.is_file()])
     encoder = load_clip(cfg.clip, cfg.device)
     adapter, adapter_config = (None, None) if cfg.zero_shot else load_adapter(run_dir / ADAPTER, cfg.clip, encoder.dim)
+    query = adapter_config is not None and adapter_config.head == "query"
+    if cfg.local and query:
+        raise OvmlError("the adapter's query head already scores the image patches; drop --local")
     if cfg.local and adapter_config.local_pooling is None:
         raise OvmlError(f"the adapter in {run_dir / ADAPTER} has no local head; train it with "
                         "`ovml train-adapter --local` (after `ovml embed-text --local`) or drop --local")
     batches = [torch.stack([encoder.preprocess(image) for image in images[i:i + IMAGE_BATCH]])
                for i in range(0, len(images), IMAGE_BATCH)]
-    if cfg.local:
+    if cfg.local or query:
         global_and_patches = [encoder.encode_image_patches(batch) for batch in batches]
         vectors = np.concatenate([vectors for vectors, _ in global_and_patches])
         patches = torch.from_numpy(np.concatenate([patches for _, patches in global_and_patches]))
@@ -71,7 +74,12 @@ def predict(cfg: PredictConfig) -> list[dict]:
         method, scores = "zero-shot", vectors @ label_emb.T
     else:
         label_emb = label_embeddings(encoder, labels, adapter_config.label_templates, cache_dir=run_dir / LABEL_CACHE)
-        logits = torch.from_numpy(adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb)))
+        if query:
+            with torch.inference_mode():
+                logits = adapter.query_logits(adapter.query_features(torch.from_numpy(vectors), patches),
+                                              torch.from_numpy(label_emb))
+        else:
+            logits = torch.from_numpy(adapter.score(torch.from_numpy(vectors), torch.from_numpy(label_emb)))
         method = "adapter"
         if cfg.local:
             with torch.inference_mode():

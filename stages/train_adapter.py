@@ -1,11 +1,16 @@
-"""train-adapter: a residual MLP trained on noise-perturbed caption embeddings -> adapter/."""
+"""train-adapter: a residual MLP trained on noise-perturbed caption embeddings -> adapter/.
+
+With --images it also learns from labelled images of an image cache (their labels restricted to the seen ones,
+no noise: they already are image embeddings), or from those images alone with --no-captions.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -14,13 +19,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
 
 from ovml.pipeline import atomic, losses
-from ovml.pipeline.adapter import POOLINGS, Adapter, AdapterConfig, perturb, save_adapter
-from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, TEXT_EMB, TRAIN_LABELS, TRAIN_LOG, VOCABULARY, caption_parts
+from ovml.pipeline.adapter import HEADS, POOLINGS, Adapter, AdapterConfig, perturb, save_adapter
+from ovml.pipeline.artifacts import (
+    ADAPTER,
+    CAPTIONS,
+    LABEL_CACHE,
+    TEXT_EMB,
+    TRAIN_LABELS,
+    TRAIN_LOG,
+    VOCABULARY,
+    caption_parts,
+    image_cache,
+)
+from ovml.pipeline.clip import load_clip
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.device import pick_device, return_freed_memory
 from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.image_cache import read_dataset_info, read_image_cache, read_patches
+from ovml.pipeline.image_training import pseudo_labels, read_labelled_images, seen_label_list
+from ovml.pipeline.label_embeddings import label_embeddings
 from ovml.pipeline.label_sets import LabelSets
 from ovml.pipeline.metrics import average_precision, column_blocks, mean_average_precision
 from ovml.pipeline.progress import progress_bar
@@ -50,7 +70,8 @@ class TrainAdapterConfig:
     device: str = not_fingerprinted("auto")
     noise: float = 0.04
     renorm: bool = False
-    head: Literal["cosine", "magnitude"] = "cosine"
+    head: Literal["cosine", "magnitude", "query"] = "cosine"  # query: needs token features (embed-*  --local)
+    queries: int = 8  # the query head's learnable queries
     loss: Literal["asl", "bce", "rank"] = "asl"
     hidden: int = 512
     dropout: float = 0.1
@@ -68,6 +89,12 @@ class TrainAdapterConfig:
     local: bool = False  # also train a local head on the captions' word tokens (needs embed-text --local)
     local_pooling: Literal["softmax", "top-k"] = "top-k"  # top-k 4 beat softmax on the testbed (docs/accuracy.md)
     local_top_k: int = 4
+    images: str = ""  # an image cache (images/<name>/, e.g. fashion-mnist-train) whose labelled images join training
+    seen_labels: str = ""  # the labels annotated on those images: FILE or DATASET:SPLIT; "" the caption vocabulary
+    images_per_label: int | None = None  # a seeded sample of N images per seen label (few-shot); None: all
+    captions: bool = True  # False (--no-captions): learn from the images alone
+    distill: float = 0.0  # MKT's distillation: + distill * (1 - cos(adapted image feature, CLIP's)) on image rows
+    unlabelled: str = ""  # an image cache whose images (labels ignored) join a second round with pseudo-labels
     force: bool = not_fingerprinted(False)
 
 
@@ -82,27 +109,51 @@ class TrainingData:
     vocabulary: list[str]
     label_templates: str  # the prompt kind embed-text used for label_emb; eval and predict must use it too
     tokens: TokenFeatures | None = None  # word-token features of the embeddings' rows (--local only)
+    captions: int | None = None  # training rows [0, captions) are captions and get noise, the rest images; None: all
+    patches: np.ndarray | None = None  # the image cache's patch features, [cached images, patches, d] (query head)
+    patch_rows: np.ndarray | None = None  # image i (training row captions + i) is patches row patch_rows[i]
+    sources: dict = field(default_factory=dict)  # what each source contributed, for the adapter's config.json
 
 
 def train_adapter(cfg: TrainAdapterConfig) -> StageOutcome:
     _check(cfg)
     run_dir = RunDir(cfg.run_dir)
-    run_dir.require(VOCABULARY, produced_by="generate_text")
-    run_dir.require(TEXT_EMB, produced_by="embed_text")
-    run_dir.require(TRAIN_LABELS, produced_by="embed_text")
-    _check_clip_matches_embeddings(run_dir, cfg.clip)
-    if cfg.local:
+    inputs = []
+    if cfg.captions:
+        run_dir.require(VOCABULARY, produced_by="generate_text")
+        run_dir.require(TEXT_EMB, produced_by="embed_text")
+        run_dir.require(TRAIN_LABELS, produced_by="embed_text")
+        _check_clip_matches_embeddings(run_dir, cfg.clip)
+        inputs = [*caption_parts(run_dir.path), *text_embedding_parts(run_dir / TEXT_EMB), run_dir / TRAIN_LABELS,
+                  run_dir / VOCABULARY]
+    if cfg.local or (cfg.head == "query" and cfg.captions):
         check_token_features(run_dir / TEXT_EMB)
+    images = _check_images(run_dir, cfg) if cfg.images else None
+    if images is not None:
+        inputs += images[1]
+    unlabelled = _check_cache(run_dir, cfg.unlabelled, cfg.clip) if cfg.unlabelled else None
+    if unlabelled is not None:
+        inputs += [unlabelled / name for name in ("index.faiss", "dataset.json")]
     params = as_params(cfg)
     if not cfg.local:  # adapters trained before --local existed keep their fingerprint
         for name in ("local", "local_pooling", "local_top_k"):
             del params[name]
-    inputs = [*caption_parts(run_dir.path), *text_embedding_parts(run_dir / TEXT_EMB), run_dir / TRAIN_LABELS,
-              run_dir / VOCABULARY]
+    if not cfg.images:  # and those trained before --images
+        for name in ("images", "seen_labels", "images_per_label", "captions", "distill"):
+            del params[name]
+    if cfg.head != "query":  # and before the query head
+        del params["queries"]
+    if not cfg.unlabelled:
+        del params["unlabelled"]
 
     def body(out: Path, resume: bool) -> dict:
         return_freed_memory()
-        return _train(cfg, out, _read_training_data(run_dir, cfg.store_dtype, cfg.local))
+        data = _read_training_data(run_dir, cfg.store_dtype, cfg.local or cfg.head == "query") if cfg.captions else None
+        if images is not None:
+            data = _with_images(data, images[0], cfg, run_dir)
+        if unlabelled is not None:  # self-training: a first model labels the images, the second learns from them
+            data = _with_pseudo_labels(data, _fit(cfg, data)[0].eval(), unlabelled, cfg)
+        return _train(cfg, out, data)
 
     return run_stage(run_dir, "train_adapter", params=params, inputs=inputs, outputs=[ADAPTER], body=body,
                      force=cfg.force, models={"clip": cfg.clip})
@@ -131,6 +182,52 @@ def _check(cfg: TrainAdapterConfig) -> None:
     if cfg.local_pooling not in POOLINGS or cfg.local_top_k < 1:
         raise OvmlError(f"--local-pooling must be one of {', '.join(POOLINGS)} and --local-top-k at least 1, got "
                         f"'{cfg.local_pooling}' and {cfg.local_top_k}")
+    if not cfg.images and (not cfg.captions or cfg.seen_labels or cfg.images_per_label is not None):
+        raise OvmlError("--no-captions, --seen-labels and --images-per-label describe image training; "
+                        "add --images CACHE (an image cache made by embed-images, e.g. fashion-mnist-train)")
+    if cfg.images_per_label is not None and cfg.images_per_label < 1:
+        raise OvmlError(f"--images-per-label must be >= 1, got {cfg.images_per_label}")
+    if (cfg.images or cfg.unlabelled) and cfg.local:
+        raise OvmlError("--local trains on caption word tokens only; drop --local (or --images / --unlabelled)")
+    if cfg.head not in HEADS or cfg.queries < 1:
+        raise OvmlError(f"--head must be one of {', '.join(HEADS)} and --queries at least 1, got '{cfg.head}' and "
+                        f"{cfg.queries}")
+    if cfg.head == "query" and cfg.local:
+        raise OvmlError("the query head already attends over tokens and patches; drop --local")
+    if cfg.unlabelled and cfg.head == "query":
+        raise OvmlError("--unlabelled pseudo-labels with the global head; drop --head query or --unlabelled")
+    if not (math.isfinite(cfg.distill) and cfg.distill >= 0) or (cfg.distill and not cfg.images):
+        raise OvmlError(f"--distill must be a finite number >= 0 and needs --images (it keeps adapted image "
+                        f"features near CLIP's), got {cfg.distill}")
+
+
+def _check_images(run_dir: RunDir, cfg: TrainAdapterConfig) -> tuple[Path, list[Path]]:
+    """(the image cache, the files that define it and its seen labels: the stage's inputs), checked before
+    anything is read: it exists and holds embeddings of the adapter's CLIP model."""
+    cache = _check_cache(run_dir, cfg.images, cfg.clip)
+    info = read_dataset_info(cache)
+    _, seen_files = seen_label_list(cfg.seen_labels, info, _caption_vocabulary(run_dir))
+    if cfg.head == "query" and read_patches(cache) is None:
+        raise OvmlError(f"--head query attends over image patches, and {cache} has none; re-run embed-images with "
+                        "--local --force")
+    return cache, [cache / name for name in ("index.faiss", "items.parquet", "dataset.json")] + seen_files
+
+
+def _check_cache(run_dir: RunDir, name: str, clip: str) -> Path:
+    """images/<name>/ of the run, checked to hold an image cache embedded by the adapter's CLIP model."""
+    cache = run_dir / image_cache(name)
+    if not (cache / "index.faiss").is_file():
+        raise OvmlError(f"{cache} holds no image cache; run `ovml embed-images` for it first (e.g. "
+                        "`--dataset fashion-mnist --split train` makes images/fashion-mnist-train)")
+    info = read_dataset_info(cache)
+    if info.get("clip") != clip:
+        raise OvmlError(f"{cache} was embedded with '{info.get('clip')}', not '{clip}'; pass --clip "
+                        f"{info.get('clip')} or re-run embed-images with --clip {clip}")
+    return cache
+
+
+def _caption_vocabulary(run_dir: RunDir) -> list[str] | None:
+    return read_vocabulary_json(run_dir / VOCABULARY) if (run_dir / VOCABULARY).is_file() else None
 
 
 def _check_clip_matches_embeddings(run_dir: RunDir, clip: str) -> None:
@@ -174,6 +271,62 @@ def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool) -> Train
                         torch.from_numpy(label_emb), vocabulary, label_templates, tokens)
 
 
+def _with_images(data: TrainingData | None, cache: Path, cfg: TrainAdapterConfig, run_dir: RunDir) -> TrainingData:
+    """The training set with the cache's labelled images appended after the captions (or alone): one embedding
+    matrix, the vocabulary extended by seen image labels the captions never name, embedded as its labels were."""
+    info = read_dataset_info(cache)
+    seen, _ = seen_label_list(cfg.seen_labels, info, _caption_vocabulary(run_dir))
+    images = read_labelled_images(cache, seen, cfg.images_per_label, cfg.seed)
+    vocabulary = data.vocabulary if data is not None else []
+    extra = [label for label in images.seen if label not in set(vocabulary)]
+    templates = data.label_templates if data is not None else "pool"
+    label_emb = data.label_emb if data is not None else torch.empty((0, images.vectors.shape[1]))
+    if extra:
+        encoder = load_clip(cfg.clip, "cpu")
+        label_emb = torch.cat([label_emb, torch.from_numpy(
+            label_embeddings(encoder, extra, templates, cache_dir=run_dir / LABEL_CACHE))])
+    vocabulary = vocabulary + extra
+    column = {label: i for i, label in enumerate(vocabulary)}
+    image_targets = images.targets.with_columns(np.array([column[label] for label in images.seen]), len(vocabulary))
+    vectors = torch.from_numpy(images.vectors.astype(cfg.store_dtype, copy=False))
+    sources = {"images": {"cache": cfg.images, "dataset": info.get("dataset"), "split": info.get("image_split"),
+                          "images": len(images.rows), "seen_labels": len(images.seen),
+                          "per_label": cfg.images_per_label}}
+    patches = read_patches(cache) if cfg.head == "query" else None
+    if data is None:
+        return TrainingData(vectors, torch.arange(len(vectors)), image_targets, label_emb, vocabulary, templates,
+                            captions=0, sources=sources, patches=patches, patch_rows=images.rows)
+    caption_targets = data.targets.with_columns(np.arange(data.targets.n_labels), len(vocabulary))
+    image_rows = len(data.embeddings) + torch.arange(len(vectors))
+    return TrainingData(
+        torch.cat([data.embeddings, vectors]), torch.cat([data.rows, image_rows]),
+        LabelSets.concat([caption_targets, image_targets]), label_emb, vocabulary, templates, tokens=data.tokens,
+        captions=len(data.rows), sources={"captions": len(data.rows), **sources}, patches=patches,
+        patch_rows=images.rows)
+
+
+def _with_pseudo_labels(data: TrainingData, teacher: Adapter, cache: Path, cfg: TrainAdapterConfig) -> TrainingData:
+    """The training set with every image of `cache` appended, its labels ignored: the teacher's pseudo-labels
+    over the training vocabulary (image_training.pseudo_labels) take their place; no noise on them."""
+    vectors, _, info = read_image_cache(cache)
+    scores = teacher.score(torch.from_numpy(vectors).to(pick_device(cfg.device)), data.label_emb.to(
+        pick_device(cfg.device)))
+    positive = pseudo_labels(scores)
+    rows, cols = np.nonzero(positive)
+    targets = LabelSets(np.concatenate([[0], np.cumsum(positive.sum(axis=1))]).astype(np.int64),
+                        cols.astype(np.int32), len(data.vocabulary))
+    captions = len(data.rows) if data.captions is None else data.captions
+    sources = {**(data.sources or {"captions": captions}),
+               "unlabelled": {"cache": cfg.unlabelled, "dataset": info.get("dataset"),
+                              "split": info.get("image_split"), "images": len(vectors),
+                              "pseudo_positives_per_image": round(float(positive.sum(axis=1).mean()), 3)}}
+    image_rows = len(data.embeddings) + torch.arange(len(vectors))
+    return TrainingData(
+        torch.cat([data.embeddings, torch.from_numpy(vectors.astype(cfg.store_dtype))]),
+        torch.cat([data.rows, image_rows]), LabelSets.concat([data.targets, targets]), data.label_emb,
+        data.vocabulary, data.label_templates, captions=captions, sources=sources)
+
+
 def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> LabelSets:
     targets, unknown = LabelSets.from_lists(labels, vocabulary)
     if unknown:
@@ -182,25 +335,27 @@ def _targets(labels: pa.ChunkedArray, vocabulary: list[str]) -> LabelSets:
     return targets
 
 
-def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
+def _fit(cfg: TrainAdapterConfig, data: TrainingData) -> tuple[Adapter, list[dict], dict]:
+    """(the model at its best epoch, the log row of each epoch, the best epoch's record)."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     order = np.random.default_rng(cfg.seed).permutation(len(data.rows))
     n_val = round(cfg.val_fraction * len(order))
     val, train = torch.from_numpy(order[:n_val]), torch.from_numpy(order[n_val:])
     if len(train) == 0:
-        raise OvmlError(f"no captions left to train on after holding out --val-fraction {cfg.val_fraction}")
+        raise OvmlError(f"nothing left to train on after holding out --val-fraction {cfg.val_fraction}")
     x_all, rows = data.embeddings.to(device), data.rows.to(device)
     label_emb = data.label_emb.to(device)
     config = AdapterConfig(
         dim=int(x_all.shape[1]), clip=cfg.clip, vocabulary=data.vocabulary, label_templates=data.label_templates,
-        hidden=cfg.hidden, dropout=cfg.dropout, alpha=cfg.alpha, head=cfg.head, scale=cfg.scale,
-        local_pooling=cfg.local_pooling if data.tokens is not None else None, local_top_k=cfg.local_top_k,
+        hidden=cfg.hidden, dropout=cfg.dropout, alpha=cfg.alpha, head=cfg.head, scale=cfg.scale, queries=cfg.queries,
+        local_pooling=cfg.local_pooling if cfg.local else None, local_top_k=cfg.local_top_k,
         training={"noise": cfg.noise, "renorm": cfg.renorm, "loss": cfg.loss, "seed": cfg.seed,
                   "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs,
                   "val_fraction": cfg.val_fraction, "patience": cfg.patience, "store_dtype": cfg.store_dtype,
-                  "captions": len(order)},
+                  "captions": len(order) if data.captions is None else data.captions, "distill": cfg.distill,
+                  **({"sources": data.sources} if data.sources else {})},
         ovml_version=metadata.version("ovml"),
     )
     model = Adapter(config).to(device)
@@ -209,6 +364,11 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
     loss_fn = LOSSES[cfg.loss]
+    head_logits = model.query_logits if cfg.head == "query" else model.logits
+
+    def val_features(batch: torch.Tensor) -> torch.Tensor:
+        batch_rows = rows[batch.to(device)]
+        return _features(model, x_all[batch_rows].float(), batch, batch_rows, data, cfg, None)
     shuffle_rng = torch.Generator().manual_seed(cfg.seed)
     noise_rng = torch.Generator(device).manual_seed(cfg.seed)
     log: list[dict] = []
@@ -221,10 +381,12 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
             total = 0.0
             for batch in train[torch.randperm(len(train), generator=shuffle_rng)].split(cfg.batch_size):
                 batch_rows = rows[batch.to(device)]
-                x = perturb(x_all[batch_rows].float(), cfg.noise, cfg.renorm, noise_rng)
+                x = _perturb_text(x_all[batch_rows].float(), batch, data.captions, cfg, noise_rng)
                 y = torch.from_numpy(data.targets.dense(batch.numpy())).to(device)  # bool: 1 byte per entry
-                loss = loss_fn(model(x, label_emb), y)
-                if data.tokens is not None:  # the local head, on the same captions' word tokens
+                loss = loss_fn(head_logits(_features(model, x, batch, batch_rows, data, cfg, noise_rng), label_emb), y)
+                if cfg.distill:
+                    loss = loss + cfg.distill * _distillation(model, x, batch, data.captions)
+                if cfg.local:  # the local head, on the same captions' word tokens
                     words, real = data.tokens.padded(batch_rows.cpu().numpy())
                     words = perturb(torch.from_numpy(words).to(device).float(), cfg.noise, cfg.renorm, noise_rng)
                     loss = loss + loss_fn(model.local_logits(model.local_features(words), label_emb,
@@ -235,30 +397,88 @@ def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
                 scheduler.step()
                 total += loss.item() * len(batch)
                 progress.advance(task, len(batch))
-            val_map, val_map_local = _validation_map(model, x_all, rows[val.to(device)], data.targets, val.numpy(),
-                                                     label_emb, data.tokens)
+            val_map, val_map_local = _validation_map(model, val_features, head_logits, rows[val.to(device)],
+                                                     data.targets, val, label_emb, data.tokens if cfg.local else None)
             log.append({"epoch": epoch, "loss": total / len(train), "val_mAP": val_map, "val_mAP_local": val_map_local,
                         "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             progress.update(task, description=f"epoch {epoch}/{cfg.epochs} loss {log[-1]['loss']:.4g} "
                                               f"val mAP {val_map:.4f}"
-                                              + (f" local {val_map_local:.4f}" if data.tokens is not None else ""))
+                                              + (f" local {val_map_local:.4f}" if cfg.local else ""))
             # with a local head both heads count: the weights of one epoch serve both at eval
-            signal = val_map if data.tokens is None else (val_map + val_map_local) / 2
+            signal = (val_map + val_map_local) / 2 if cfg.local else val_map
             if math.isnan(signal) or signal > best["signal"]:
                 best = {"signal": signal, "epoch": epoch, "state": copy.deepcopy(model.state_dict()),
                         "val_mAP": val_map, "val_mAP_local": val_map_local}
             elif epoch - best["epoch"] >= cfg.patience:
                 break
     model.load_state_dict(best["state"])
+    return model, log, best
+
+
+def _train(cfg: TrainAdapterConfig, out: Path, data: TrainingData) -> dict:
+    model, log, best = _fit(cfg, data)
+    config = model.config
     best_map = None if math.isnan(best["val_mAP"]) else best["val_mAP"]
     config.training.update(best_epoch=best["epoch"], best_val_mAP=best_map)
-    if data.tokens is not None:
+    if cfg.local:
         config.training.update(best_val_mAP_local=None if math.isnan(best["val_mAP_local"]) else
                                best["val_mAP_local"])
     save_adapter(out / ADAPTER, model)
     atomic.write_parquet(out / TRAIN_LOG, pa.Table.from_pylist(log, schema=TRAIN_LOG_SCHEMA))
-    return {"captions": len(order), "labels": len(data.vocabulary), "epochs_run": len(log),
+    return {"captions": config.training["captions"],
+            **({"images": len(data.rows) - data.captions} if data.sources else {}),
+            "labels": len(data.vocabulary), "epochs_run": len(log),
             "best_epoch": best["epoch"], "best_val_mAP": best_map}
+
+
+def _perturb_text(x: torch.Tensor, batch: torch.Tensor, captions: int | None, cfg: TrainAdapterConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Noise on the caption rows of a batch only: image rows are already where the adapter is applied."""
+    if captions is None:
+        return perturb(x, cfg.noise, cfg.renorm, generator)
+    text = (batch < captions).to(x.device)
+    if text.any():
+        x = x.clone()
+        x[text] = perturb(x[text], cfg.noise, cfg.renorm, generator)
+    return x
+
+
+def _features(model: Adapter, x: torch.Tensor, batch: torch.Tensor, batch_rows: torch.Tensor, data: TrainingData,
+              cfg: TrainAdapterConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """What the head scores for training examples `batch` (inputs x): the adapted embeddings [n, d], or for the
+    query head its query features [n, queries, d] over the examples' tokens (caption words, noised when a
+    generator is given, as the captions are; image patches as cached)."""
+    if cfg.head != "query":
+        return model.features(x)
+    captions = len(data.rows) if data.captions is None else data.captions
+    text = (batch < captions).numpy()
+    words = real = patches = None
+    if text.any():
+        words, real = data.tokens.padded(batch_rows.cpu().numpy()[text])
+        words = torch.from_numpy(words).to(x.device).float()
+        if generator is not None:
+            words = perturb(words, cfg.noise, cfg.renorm, generator)
+    if not text.all():
+        patches = np.asarray(data.patches[data.patch_rows[batch.numpy()[~text] - captions]], dtype=np.float32)
+    longest = max(0 if words is None else words.shape[1], 0 if patches is None else patches.shape[1])
+    tokens = torch.zeros((len(batch), longest, x.shape[1]), device=x.device)
+    mask = torch.zeros((len(batch), longest), dtype=torch.bool, device=x.device)
+    if words is not None:
+        tokens[torch.from_numpy(text), :words.shape[1]] = words
+        mask[torch.from_numpy(text), :words.shape[1]] = torch.from_numpy(real).to(x.device)
+    if patches is not None:
+        tokens[torch.from_numpy(~text), :patches.shape[1]] = torch.from_numpy(patches).to(x.device)
+        mask[torch.from_numpy(~text), :patches.shape[1]] = True
+    return model.query_features(x, tokens, mask)
+
+
+def _distillation(model: Adapter, x: torch.Tensor, batch: torch.Tensor, captions: int | None) -> torch.Tensor:
+    """MKT's distillation term: mean 1 - cos(adapted image embedding, CLIP's) over the batch's image rows, so the
+    adapter keeps what CLIP knows about labels no image was annotated with."""
+    images = (batch >= (captions or 0)).to(x.device)
+    if captions is None or not images.any():
+        return x.new_zeros(())
+    return (1 - F.cosine_similarity(model.features(x[images]), x[images], dim=-1)).mean()
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):
@@ -271,11 +491,13 @@ def _warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 @torch.inference_mode()
-def _validation_map(model: Adapter, x_all: torch.Tensor, x_rows: torch.Tensor, targets: LabelSets,
-                    captions: np.ndarray, label_emb: torch.Tensor, tokens: TokenFeatures | None
+def _validation_map(model: Adapter, features: Callable[[torch.Tensor], torch.Tensor],
+                    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_rows: torch.Tensor,
+                    targets: LabelSets, examples: torch.Tensor, label_emb: torch.Tensor, tokens: TokenFeatures | None
                     ) -> tuple[float, float | None]:
-    """Text-side mAP on held-out captions, without noise, of the global head and of the local head on the
-    captions' word tokens (None without one): the early-stopping signal (NaN without a split).
+    """mAP on held-out examples (captions, and images when training on them), without noise, of the head and of
+    the local head on the captions' word tokens (None without one): the early-stopping signal (NaN without a
+    split). `features` gives the head's features of examples, `logits` scores them.
 
     Features are kept in float16 (0.1 GB for 100k held-out captions; scores move by ~1e-3, far below what
     early stopping can see) and scored a block of labels at a time, so memory is never [captions, labels]."""
@@ -283,19 +505,17 @@ def _validation_map(model: Adapter, x_all: torch.Tensor, x_rows: torch.Tensor, t
         return math.nan, None if tokens is None else math.nan
     model.eval()
     chunks = [slice(start, start + VAL_CAPTIONS_PER_CHUNK) for start in range(0, len(x_rows), VAL_CAPTIONS_PER_CHUNK)]
-    h = torch.empty((len(x_rows), x_all.shape[1]), dtype=torch.float16, device=x_all.device)
-    for chunk in chunks:  # never a copy of the held-out embeddings
-        h[chunk] = model.features(x_all[x_rows[chunk]].float())
+    h = torch.cat([features(examples[chunk]).half() for chunk in chunks])  # never a copy of the held-out embeddings
     words = []  # per chunk: the local head's features of its captions' tokens, padded, and which are real
     for chunk in chunks if tokens is not None else []:
         padded, real = tokens.padded(x_rows[chunk].cpu().numpy())
-        padded = torch.from_numpy(padded).to(x_all.device).float()
-        words.append((model.local_features(padded).half(), torch.from_numpy(real).to(x_all.device)))
+        padded = torch.from_numpy(padded).to(x_rows.device).float()
+        words.append((model.local_features(padded).half(), torch.from_numpy(real).to(x_rows.device)))
     ap, ap_local = [], []
     for cols in column_blocks(len(label_emb), VAL_LABELS_PER_BLOCK):
         block_emb = label_emb[torch.from_numpy(cols).to(label_emb.device)]
-        truth = targets.dense(captions, cols)
-        scores = torch.cat([model.logits(h[chunk].float(), block_emb) for chunk in chunks])
+        truth = targets.dense(examples.numpy(), cols)
+        scores = torch.cat([logits(h[chunk].float(), block_emb) for chunk in chunks])
         ap.append(average_precision(scores.cpu().numpy(), truth))
         if words:
             scores = torch.cat([model.local_logits(w.float(), block_emb, real) for w, real in words])

@@ -65,7 +65,25 @@ def nuswide_release(root: Path) -> Path:
     for i, image in enumerate(NUS_IMAGES[:-1]):
         write_jpeg(root / "Flickr" / image.replace("\\", "/"), 40 * i)
     write_corrupt(root / "Flickr" / NUS_IMAGES[-1].replace("\\", "/"))
+    # the train list (embed-images --split train): the same files with Train in place of Test
+    (root / "ImageList" / "TrainImagelist.txt").write_text("\r\n".join(NUS_TRAIN_IMAGES) + "\r\n")
+    (root / "NUS_WID_Tags" / "Train_Tags1k.dat").write_text(
+        "".join("\t".join(map(str, row)) + "\t\n" for row in NUS_TRAIN_TAG_ROWS))
+    for column, concept in enumerate(NUS_CONCEPTS):
+        (labels_dir / f"Labels_{concept}_Train.txt").write_text(
+            "".join(f"{row[column]}\n" for row in NUS_TRAIN_CONCEPT_ROWS))
+    for i, image in enumerate(NUS_TRAIN_IMAGES):
+        write_jpeg(root / "Flickr" / image.replace("\\", "/"), 25 + 30 * i)
     return root
+
+
+NUS_TRAIN_IMAGES = ["animal\\0101_201.jpg", "water\\0102_202.jpg", "sky\\0103_203.jpg"]
+
+
+NUS_TRAIN_TAG_ROWS = [[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [1, 0, 1, 0, 0]]
+
+
+NUS_TRAIN_CONCEPT_ROWS = [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
 
 
 OI_NAMES = {"/m/01": "Cat", "/m/02": "Dog", "/m/03": "Pizza, slice", "/m/04": "Zebra", "/m/05": "Violin"}
@@ -200,16 +218,16 @@ def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=Non
 
 
 def build_adapter(run_dir, clip, seed=0, trained=True, vocabulary=("sky", "dog"), label_templates="pool",
-                  local_pooling=None):
+                  local_pooling=None, head="cosine"):
     """An adapter as train-adapter saves it; trained=False keeps the zero-initialised last layers; a local head
-    with local_pooling set. Returns the model."""
+    with local_pooling set; head="query" for the query head. Returns the model."""
     dim = load_clip(clip).dim
     torch.manual_seed(seed)
     model = Adapter(AdapterConfig(dim=dim, clip=clip, vocabulary=list(vocabulary), label_templates=label_templates,
-                                  hidden=16, dropout=0.0, local_pooling=local_pooling,
+                                  hidden=16, dropout=0.0, local_pooling=local_pooling, head=head, queries=3,
                                   training={"noise": 0.04, "seed": seed}))
     if trained:
-        for mlp in (model.mlp, model.local_mlp) if local_pooling else (model.mlp,):
+        for mlp in (model.mlp, model.local_mlp) if local_pooling or head == "query" else (model.mlp,):
             torch.nn.init.normal_(mlp[-1].weight, std=0.5)
     save_adapter(run_dir / "adapter", model)
     return model.eval()

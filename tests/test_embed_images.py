@@ -17,6 +17,7 @@ from ovml.pipeline.clip import load_clip
 from ovml.pipeline.datasets import read_dataset
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_image_cache, read_patches
+from ovml.pipeline.rundir import RunDir
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 
 
@@ -79,6 +80,25 @@ def test_fashion_mnist_mosaics_embed_through_loader_workers(tmp_path, tiny_clip)
     assert len(vectors) == len(items) == len(helpers.FASHION_CLASSES) // 4 == outcome.summary["images"]
     assert items["path"].to_pylist()[1] == "t10k-images-idx3-ubyte#mosaic-000001"
     assert not (tmp_path / "run" / "images" / "fashion-mnist" / "chunks").exists()
+
+
+def test_fashion_mnist_train_split_gets_its_own_cache_beside_the_test_one(tmp_path, tiny_clip):
+    root = helpers.fashion_mnist_release(tmp_path / "fm", helpers.FASHION_CLASSES)
+    helpers.fashion_mnist_release(root, helpers.FASHION_CLASSES[:8], split="train")
+    embed_images(config(tmp_path, tiny_clip, "fashion-mnist", root))
+    outcome = embed_images(config(tmp_path, tiny_clip, "fashion-mnist", root, split="train"))
+    _, test_items, test_info = read_image_cache(tmp_path / "run" / "images" / "fashion-mnist")
+    _, items, info = read_image_cache(tmp_path / "run" / "images" / "fashion-mnist-train")
+    record = RunDir(tmp_path / "run").stage_record("embed_images/fashion-mnist-train")
+    assert outcome.summary["cache"] == "fashion-mnist-train" and len(items) == 2 and len(test_items) == 3
+    assert items["path"].to_pylist()[1] == "train-images-idx3-ubyte#mosaic-000001"
+    assert (info["image_split"], test_info["image_split"], record["params"]["split"]) == ("train", "t10k", "train")
+
+
+def test_an_unknown_split_is_a_one_line_error(tmp_path, tiny_clip):
+    root = helpers.fashion_mnist_release(tmp_path / "fm", helpers.FASHION_CLASSES)
+    with pytest.raises(OvmlError, match="--split must be one of: t10k, train"):
+        embed_images(config(tmp_path, tiny_clip, "fashion-mnist", root, split="val"))
 
 
 def test_limit_embeds_only_the_first_n_images(tmp_path, tiny_clip):

@@ -46,3 +46,20 @@ def test_random_batches_and_blocks_match_the_dense_matrix_exactly():
         rows, columns = rng.choice(300, size=64), rng.choice(40, size=7, replace=False)
         np.testing.assert_array_equal(sets.dense(rows, columns), dense[rows][:, columns])
     np.testing.assert_array_equal(sets.dense(slice(10, 20)), dense[10:20])
+
+
+def test_take_keeps_the_given_rows_in_the_given_order():
+    sets, _ = LabelSets.from_lists(LISTS, LABELS)
+    np.testing.assert_array_equal(sets.take(np.array([4, 0, 3])).dense(), DENSE[[4, 0, 3]])
+
+
+def test_concat_stacks_the_rows_of_each_part():
+    sets, _ = LabelSets.from_lists(LISTS, LABELS)
+    np.testing.assert_array_equal(LabelSets.concat([sets, sets.take(np.array([3]))]).dense(), DENSE[[0, 1, 2, 3, 4, 3]])
+
+
+def test_with_columns_moves_each_label_to_its_place_in_a_longer_list():
+    sets, _ = LabelSets.from_lists(LISTS, LABELS)
+    moved = sets.with_columns(np.array([5, 0, 2, 1]), 6).dense()
+    np.testing.assert_array_equal(moved[:, [5, 0, 2, 1]], DENSE)
+    assert not moved[:, [3, 4]].any()

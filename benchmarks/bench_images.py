@@ -1,0 +1,182 @@
+"""Images as training data on the testbed CLIP (issue 23): what a few labelled images, and unlabelled ones, buy.
+
+1. the testbed CLIP must exist (`ovml train-testbed`; trained on Fashion-MNIST train mosaics);
+2. SmolLM2 captions for the 7 seen classes (generate-text --per-label 30 --max-labels 3, seed 0: the pool of
+   docs/accuracy.md's tables), embed-text --local (word tokens for the query head);
+3. embed-images --local on the 2,500 t10k mosaics (evaluation only) and on the 15,000 **train**-split mosaics
+   (--split train: the only images any row trains on, labelled with the seen labels or unlabelled);
+4. per row and seed {0, 1, 2}: train-adapter + eval (--save-scores all) in a hard-linked copy of the base run,
+   through the real stages;
+5. a table (mean +- std over seeds) of unseen and all mAP / F1, with zero-shot and the supervised ceiling (the
+   cosine head trained on every train mosaic with all ten labels, no captions) -> docs/accuracy/images.json.
+
+The ceiling's adapter knows every label, so eval has no `unseen` protocol for it; its unseen numbers are computed
+here from its scores.parquet exactly as eval's protocol does (the 3 held-out labels ranked among themselves over
+the mosaics holding one of them), and the captions row is computed both ways as a check.
+Nothing is tuned on the test split: every row's settings were fixed before the run and all rows are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ovml.pipeline.artifacts import ADAPTER
+from ovml.pipeline.datasets import FASHION_MNIST_ROOT
+from ovml.pipeline.image_cache import read_image_cache
+from ovml.pipeline.metrics import evaluate_scores
+from ovml.pipeline.testbed import TestbedConfig
+from ovml.stages.embed_images import EmbedImagesConfig, embed_images
+from ovml.stages.embed_text import EmbedTextConfig, embed_text
+from ovml.stages.evaluate import EvalConfig, evaluate
+from ovml.stages.generate_text import GenerateTextConfig, generate_text
+from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
+
+LABEL_FILE = Path("examples/fashion_labels.txt")
+TRAIN_CACHE = "fashion-mnist-train"
+# bench_accuracy's adapter settings for ~130 captions; a batch of 128 once a row has thousands of examples, so
+# that 40 epochs stay 40 epochs of a few hundred steps rather than tens of thousands.
+SMALL = {"epochs": 40, "hidden": 256, "batch_size": 16, "val_fraction": 0.2, "patience": 10}
+LARGE = {**SMALL, "batch_size": 128}
+
+
+def rows(seen_file: str) -> list[tuple[str, str, dict]]:
+    """(group, row name, train-adapter settings); every row fixed before any run."""
+    images = {"images": TRAIN_CACHE}
+    alone = {**images, "captions": False, "seen_labels": seen_file}
+    out = [("text", "captions only", SMALL)]
+    for n in (10, 100, 1000):
+        out.append(("seen images", f"seen images only, {n}/label", {**(SMALL if n < 100 else LARGE), **alone,
+                                                                     "images_per_label": n}))
+    out.append(("seen images", "seen images only, all 15,000", {**LARGE, **alone}))
+    for n in (10, 100, 1000):
+        out.append(("images + captions", f"captions + seen images, {n}/label",
+                    {**(SMALL if n < 100 else LARGE), **images, "images_per_label": n}))
+    out.append(("images + captions", "captions + seen images, all", {**LARGE, **images}))
+    out += [("query head", "query head, captions only", {**SMALL, "head": "query"}),
+            ("query head", "query head, captions + seen images, 100/label",
+             {**LARGE, **images, "images_per_label": 100, "head": "query"}),
+            ("query head", "query head, captions + seen images, all", {**LARGE, **images, "head": "query"}),
+            ("distillation", "captions + seen images, 100/label, distill 1",
+             {**LARGE, **images, "images_per_label": 100, "distill": 1.0}),
+            ("unlabelled", "captions + unlabelled train images", {**LARGE, "unlabelled": TRAIN_CACHE}),
+            ("unlabelled", "captions + seen images 100/label + unlabelled",
+             {**LARGE, **images, "images_per_label": 100, "unlabelled": TRAIN_CACHE}),
+            ("ceiling", "supervised ceiling (all ten labels, all train images)",
+             {**LARGE, "images": TRAIN_CACHE, "captions": False, "seen_labels": "fashion-mnist:all"})]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--held-out", default="shirt,sneaker,bag")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-images"))
+    parser.add_argument("--testbed", type=Path, default=TestbedConfig.out)
+    parser.add_argument("--root", default=str(FASHION_MNIST_ROOT))
+    parser.add_argument("--only", default="", help="run only rows whose name contains this")
+    parser.add_argument("--out", type=Path, default=Path("docs/accuracy/images.json"))
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    held_out = [name.strip() for name in args.held_out.split(",") if name.strip()]
+    if not args.testbed.is_file():
+        sys.exit(f"{args.testbed} does not exist; train it first with `ovml train-testbed --out {args.testbed}`")
+    clip = f"{TestbedConfig.arch}:{args.testbed}"
+    base = args.work / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    seen_file = (args.work / "labels-seen.txt").resolve()
+    seen_file.write_text("".join(line + "\n" for line in LABEL_FILE.read_text().splitlines()
+                                 if line and not line.startswith("#") and line.split(":")[0] not in held_out))
+    for stage in (
+        lambda: generate_text(GenerateTextConfig(run_dir=base, labels=str(seen_file), max_labels=3, per_label=30,
+                                                 clip=clip, seed=0)),
+        lambda: embed_text(EmbedTextConfig(run_dir=base, clip=clip, local=True)),
+        lambda: embed_images(EmbedImagesConfig(run_dir=base, clip=clip, dataset="fashion-mnist", root=args.root,
+                                               local=True)),
+        lambda: embed_images(EmbedImagesConfig(run_dir=base, clip=clip, dataset="fashion-mnist", root=args.root,
+                                               split="train", local=True)),
+    ):
+        print(stage(), flush=True)
+
+    previous = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
+    results = [r for r in previous if args.only and args.only not in r["row"]]
+    for group, name, settings in rows(str(seen_file)):
+        if args.only and args.only not in name:
+            continue
+        for seed in args.seeds:
+            run_dir = args.work / "rows" / f"{name.replace(' ', '_').replace('/', '-').replace(',', '')}-seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.copytree(base, run_dir, copy_function=os.link, ignore=shutil.ignore_patterns(ADAPTER, "eval",
+                                                                                                ".lock"))
+            started = time.perf_counter()
+            trained = train_adapter(TrainAdapterConfig(run_dir=run_dir, clip=clip, seed=seed, **settings)).summary
+            report = evaluate(EvalConfig(run_dir=run_dir, clip=clip, dataset="fashion-mnist",
+                                         save_scores="all")).summary
+            metrics = scores_metrics(run_dir, held_out)
+            results.append({"group": group, "row": name, "seed": seed, "settings": settings, "train": trained,
+                            "report": report, "computed": metrics,
+                            "seconds": round(time.perf_counter() - started, 1)})
+            print(f"{name} seed {seed}: {metrics}", flush=True)
+            shutil.rmtree(run_dir / "images", ignore_errors=True)  # hard links: the base keeps the caches
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"held_out": held_out, "seeds": args.seeds, "clip": clip, "results": results,
+                                    "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+    print(markdown(results))
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
+
+
+def scores_metrics(run_dir: Path, held_out: list[str]) -> dict[str, float]:
+    """unseen and all mAP / F1 per method from eval's scores.parquet, by eval's protocols: `unseen` ranks the
+    held-out labels over the mosaics with one of them (F1@1), `all` ranks the ten over every mosaic (F1@3)."""
+    _, items, _ = read_image_cache(run_dir / "images" / "fashion-mnist")
+    report = json.loads((run_dir / "eval" / "fashion-mnist" / "report.json").read_text())
+    labels = report["protocols"]["all"]["labels"]
+    index = {image_id: i for i, image_id in enumerate(items["image_id"].to_pylist())}
+    truth = np.array([[label in row for label in labels] for row in items["positives"].to_pylist()])
+    table = pq.read_table(run_dir / "eval" / "fashion-mnist" / "scores.parquet").to_pylist()
+    unseen = [labels.index(label) for label in held_out]
+    with_unseen = truth[:, unseen].any(axis=1)
+    out = {}
+    for method in ("adapter", "zero-shot"):
+        scores = np.zeros(truth.shape, dtype=np.float32)
+        for row in table:
+            if row["method"] == method:
+                scores[index[row["image_id"]]] = row["scores"]
+        every, _ = evaluate_scores(scores, truth, None, (3,))
+        held, _ = evaluate_scores(scores[with_unseen][:, unseen], truth[with_unseen][:, unseen], None, (1,))
+        out |= {f"{method} unseen mAP": 100 * held["mAP"], f"{method} unseen F1@1": 100 * held["F1@1"],
+                f"{method} all mAP": 100 * every["mAP"], f"{method} all F1@3": 100 * every["F1@3"]}
+    return out
+
+
+KEYS = ("unseen mAP", "unseen F1@1", "all mAP", "all F1@3")
+
+
+def _cell(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else \
+        f"{values[0]:.2f}"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| method | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
+    zero = [r for r in results if r["row"] == results[0]["row"]]
+    lines.append("| zero-shot | " + " | ".join(_cell([r["computed"][f"zero-shot {k}"] for r in zero]) for k in KEYS)
+                 + " |")
+    for name in dict.fromkeys(r["row"] for r in results):
+        runs = [r for r in results if r["row"] == name]
+        lines.append(f"| {name} | " + " | ".join(_cell([r["computed"][f"adapter {k}"] for r in runs]) for k in KEYS)
+                     + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
