@@ -1,35 +1,100 @@
-"""Kept captions per second from SmolLM2-135M: in-process llama-cpp, and the openai backend against a local
-`python -m llama_cpp.server` with the same GGUF. Wall time covers the whole stage (model load included).
+"""Kept captions per second from SmolLM2-135M on this CPU: the batched llama-cpp backend against the one-prompt-at-a-
+time backend it replaced (kept below, only here), beside 0, 1 or 2 busy-loop processes, and the openai backend
+against a local `python -m llama_cpp.server` with several requests in flight.
 
-    .venv/bin/python benchmarks/bench_generate_text.py [--labels 20] [--per-label 3] [--only-openai]
+    .venv/bin/python benchmarks/bench_generate_text.py --prompts 60 600 --hogs 0 1 2 --threads 1 2
+    .venv/bin/python benchmarks/bench_generate_text.py --prompts 60 --only-openai --concurrency 1 4
+
+Prompts are made as generate-text makes them (its prompts file, 1-4 labels drawn from a fixed list, one seed
+each) and the answers go through its verification and de-duplication, so "kept" is what the stage would keep.
+Times cover decoding only (model load is printed apart); every configuration answers the same prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
+from collections.abc import Iterator
 
-from ovml.pipeline.llm import default_gguf
-from ovml.stages.generate_text import GenerateTextConfig, generate_text
+import numpy as np
+
+from ovml.pipeline.errors import OvmlError
+from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, OpenAIBackend, Sampling, default_gguf
+from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
+from ovml.stages.generate_text import CaptionPrompts, PlannedPrompt, _dedup_key, _verify
 
 LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle", "person", "beach", "bus", "bird",
           "table", "cup", "umbrella", "train", "flower", "bench", "kite", "sheep", "truck", "clock", "book",
           "bottle", "laptop", "pizza", "airplane", "cow", "mountain", "bridge"]
+SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=96)  # generate-text's defaults
 
 
-def run(name: str, workdir: Path, labels: Path, per_label: int, **backend) -> dict:
-    cfg = GenerateTextConfig(run_dir=workdir / name, labels=str(labels), per_label=per_label, **backend)
+class OneAtATimeBackend(LlamaCppBackend):
+    """The llama-cpp backend before batching (commit 850ab03): each prompt alone through create_completion,
+    from the shared prefix evaluated once in llama-cpp-python's own context, 2 threads. Kept for comparison."""
+
+    def __init__(self, sampling: Sampling, threads: int = 2):
+        from llama_cpp import Llama
+
+        super().__init__(None, sampling, threads=1)
+        self._single = Llama(model_path=str(default_gguf()), n_ctx=1024, n_threads=threads, verbose=False)
+        self._in_cache: list[int] | None = None
+
+    def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
+        for request in requests:
+            tokens, prefix = self._prepared(request)
+            if prefix != self._in_cache:
+                self._single.reset()
+                self._single.eval(prefix)
+                self._in_cache = prefix
+            self._single.n_tokens = len(prefix)
+            answer = self._single.create_completion(
+                tokens, seed=request.seed, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                max_tokens=self.sampling.max_tokens, stop=['"', "\n"])["choices"][0]
+            text = answer["text"].rstrip("\\")
+            yield json.dumps({"caption": text}) if answer["finish_reason"] == "stop" else self.PREFILL + text
+
+
+def plan(n: int, seed: int = 0) -> list[PlannedPrompt]:
+    prompts = CaptionPrompts.load()
+    rng = np.random.default_rng(seed)
+    ids = list(prompts.variants)
+    return [PlannedPrompt(tuple(rng.choice(LABELS, size=int(rng.integers(1, 5)), replace=False)),
+                          ids[int(rng.integers(len(ids)))], int(rng.integers(2**31))) for _ in range(n)]
+
+
+def measure(name: str, backend, planned: list[PlannedPrompt], **fields) -> dict:
+    prompts = CaptionPrompts.load()
+    matcher = MentionMatcher(parse_vocabulary("\n".join(LABELS)))
+    requests = [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in planned]
+    seen: set[str] = set()
+    kept = 0
     start = time.perf_counter()
-    summary = generate_text(cfg).summary
+    for prompt, raw in zip(planned, backend.complete(requests), strict=True):
+        reason, text, _ = _verify(raw, prompt, matcher, seen)
+        if reason is None:
+            seen.add(_dedup_key(text))
+            kept += 1
     seconds = time.perf_counter() - start
-    return {"backend": name, "requested": summary["requested"], "kept": summary["kept"], "seconds": seconds,
-            "kept_per_s": summary["kept"] / seconds, "prompts_per_s": summary["requested"] / seconds}
+    row = {"path": name, **fields, "prompts": len(planned), "kept": kept, "keep_rate": kept / len(planned),
+           "seconds": seconds, "kept_per_s": kept / seconds}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def start_hogs(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(n)]
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        p.terminate()
+        p.wait()
 
 
 def start_server(threads: int) -> tuple[subprocess.Popen, str]:
@@ -53,28 +118,49 @@ def start_server(threads: int) -> tuple[subprocess.Popen, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", type=int, default=20, help="vocabulary size (first N of a fixed list)")
-    parser.add_argument("--per-label", type=int, default=3)
-    parser.add_argument("--only-openai", action="store_true", help="skip the in-process llama-cpp run")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[60])
+    parser.add_argument("--hogs", type=int, nargs="+", default=[0], help="busy-loop processes beside the run")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads of the batched backend")
+    parser.add_argument("--old-up-to", type=int, default=60, help="run the one-at-a-time backend (2 threads) "
+                        "only for prompt counts up to this")
+    parser.add_argument("--only-openai", action="store_true")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="openai requests in flight")
+    parser.add_argument("--server-threads", type=int, default=2)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        labels = workdir / "labels.txt"
-        labels.write_text("\n".join(LABELS[:args.labels]) + "\n", encoding="utf-8")
-        results = [] if args.only_openai else [run("llama-cpp", workdir, labels, args.per_label)]
-        server, base_url = start_server(threads=2)
+    rows = []
+    for hogs in args.hogs:
+        processes = start_hogs(hogs)
         try:
-            results.append(run("openai", workdir, labels, args.per_label, backend="openai", base_url=base_url,
-                               concurrency=2))
+            for n in args.prompts:
+                planned = plan(n)
+                if args.only_openai:
+                    server, base_url = start_server(args.server_threads)
+                    try:
+                        for c in args.concurrency:
+                            backend = OpenAIBackend(base_url, None, SAMPLING, concurrency=c)
+                            rows.append(measure("openai", backend, planned, threads=args.server_threads,
+                                                concurrency=c, hogs=hogs))
+                    finally:
+                        stop([server])
+                    continue
+                if n <= args.old_up_to:
+                    rows.append(measure("one at a time", OneAtATimeBackend(SAMPLING), planned, threads=2, hogs=hogs))
+                for threads in args.threads:
+                    loaded = time.perf_counter()
+                    backend = LlamaCppBackend(None, SAMPLING, threads=threads)
+                    print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
+                    rows.append(measure("batched", backend, planned, threads=threads, hogs=hogs))
+                    del backend
+        except OvmlError as e:
+            raise SystemExit(str(e)) from None
         finally:
-            server.terminate()
-            server.wait()
-    print(f"| backend | prompts | kept | seconds | kept captions/s | prompts/s |  ({args.labels} labels x "
-          f"{args.per_label})")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['backend']} | {r['requested']} | {r['kept']} | {r['seconds']:.1f} | {r['kept_per_s']:.2f} "
-              f"| {r['prompts_per_s']:.2f} |")
+            stop(processes)
+    print("| path | threads | busy loops beside | prompts | kept | keep rate | seconds | kept captions/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        label = r["path"] + (f" (concurrency {r['concurrency']})" if "concurrency" in r else "")
+        print(f"| {label} | {r['threads']} | {r['hogs']} | {r['prompts']} | {r['kept']} | {r['keep_rate']:.1%} "
+              f"| {r['seconds']:.1f} | {r['kept_per_s']:.2f} |")
 
 
 if __name__ == "__main__":

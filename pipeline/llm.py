@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,30 +78,44 @@ def default_gguf() -> Path:
 
 
 class LlamaCppBackend:
-    """In-process llama.cpp on CPU; the JSON shape is forced by the prompt, not by a grammar.
+    """In-process llama.cpp on CPU, many prompts decoded together; the JSON shape is forced by the prompt.
 
     The answer is pre-filled with `{"caption": "` after the GGUF's own chat template, and generation stops
     at the first quote or newline, so the model writes only the caption's text and the JSON around it
     cannot be malformed (an answer cut off at max_tokens is returned unterminated and counted as
     unparseable). A llama.cpp JSON grammar gives the same shape but filters the whole 49k-token vocabulary
     at every step: measured here on SmolLM2-135M, 1.20 s per caption with the grammar vs 0.59 s prefilled.
-    The shared part of every prompt (system prompt and examples) is evaluated once, on its own, and every
-    prompt starts from exactly that KV cache: an answer depends only on its prompt and seed, not on what the
-    process generated before, so Ray actors, resumed runs and the local engine write the same captions.
-    (llama-cpp-python's own reuse of the longest prefix shared with the previous prompt does not give that:
-    measured here, 1 answer in 32 changed with the order of the prompts.)
+
+    Throughput: up to SEQUENCES prompts are decoded together, one llama.cpp sequence each, so every pass
+    over the weights serves many tokens (one prompt at a time left the CPU waiting on memory: 1.6 captions/s
+    vs several times that batched, docs/benchmarks.md). Each sequence has its own sampler chain seeded from
+    its request, and a finished sequence's slot takes the next prompt at once.
+
+    An answer depends only on its prompt and seed, never on which prompts share its batch or came before it,
+    so Ray actors, resumed runs and the local engine write the same captions. The shared part of every prompt
+    (system prompt and examples) is evaluated once, on its own, in sequence 0; a prompt starts from a copy of
+    exactly that. Each sequence has its own KV-cache stream (`kv_unified=False`), so its cells sit at the same
+    places whatever the others hold, and flash attention computes each token's row alone: together these make
+    the floating-point sums the same in any batch (tests/test_generate_text_llm.py decodes prompts alone and in
+    batches of other compositions and compares the text). In one unified cache the cells of a sequence land
+    wherever the others left room, which changes the order of the sums.
     """
 
     name = "llama-cpp"
     PREFILL = '{"caption": "'
+    SEQUENCES = 16  # decoded together; batching is compute-bound past ~16 on 2 cores (docs/benchmarks.md)
+    MIN_P = 0.05  # llama-cpp-python's create_completion defaults, which this backend used before batching
+    TOP_K = 40
 
-    def __init__(self, model: str | None, sampling: Sampling, n_threads: int = 2, n_ctx: int = 1024):
+    def __init__(self, model: str | None, sampling: Sampling, threads: int = 1, n_ctx: int = 1024):
         try:
+            import llama_cpp
             from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError:
             raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
                             "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
+        check_threads(threads)
         path = Path(model) if model else default_gguf()
         if not path.is_file():
             raise OvmlError(f"GGUF model {path} does not exist; pass --model PATH to a .gguf file")
@@ -109,17 +124,20 @@ class LlamaCppBackend:
                 raise OvmlError(f"{path} is not a GGUF file; pass --model PATH to a .gguf model for llama.cpp")
         self.model = path.name
         self.sampling = sampling
-        try:
-            self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        try:  # loads the weights and the tokenizer; its own small context is not used for decoding
+            self._llm = Llama(model_path=str(path), n_ctx=256, n_batch=64, n_threads=threads, verbose=False)
         except ValueError as e:  # llama-cpp-python's only signal that the file did not load
             raise OvmlError(f"llama.cpp cannot load {path} ({_first_line(str(e))}); pass --model PATH to an "
                             "intact GGUF model") from None
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise OvmlError(f"{path} has no chat template in its metadata; use an instruction-tuned GGUF")
-        self._prefix_in_cache: list[int] | None = None
         self._format = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self._llm.token_eos()),
                                            bos_token=self._token_text(self._llm.token_bos()))
+        self._lib = llama_cpp
+        self._decoder = _BatchDecoder(llama_cpp, self._llm, self.SEQUENCES + 1, n_ctx, threads)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._prefix_in_cache: list[int] | None = None
 
     def _token_text(self, token: int) -> str:
         """A special token's text ("<|im_end|>"), through llama-cpp-python's public detokenize."""
@@ -136,36 +154,195 @@ class LlamaCppBackend:
         probe = ChatRequest((*request.messages[:-1], (request.messages[-1][0], "\x00")), request.seed)
         return tokens[:self._llm.longest_token_prefix(tokens, self._tokens(self._prompt(probe)))]
 
-    def _start_from(self, prefix: list[int]) -> None:
-        """Leave exactly `prefix` in the KV cache, evaluated on its own from an empty cache."""
-        if prefix != self._prefix_in_cache:
-            self._llm.reset()
-            self._llm.eval(prefix)
-            self._prefix_in_cache = prefix
-        self._llm.n_tokens = len(prefix)  # forget the previous prompt and answer; generate() reuses the rest
-
     @property
     def context(self) -> int:
-        return self._llm.n_ctx()
+        """Tokens one prompt and its answer may take (each sequence has this much KV cache)."""
+        return self._decoder.context
 
     def tokens_needed(self, request: ChatRequest) -> int:
         """Context the request takes: its prompt's tokens plus room for --max-tokens of answer."""
         return len(self._tokens(self._prompt(request))) + self.sampling.max_tokens
 
+    def _sampler(self, seed: int):
+        """The sampler chain llama-cpp-python's create_completion built (top-k, top-p, min-p, temperature)."""
+        lib, chain = self._lib, _SamplerChain(self._lib)
+        if self.sampling.temperature <= 0:
+            chain.add(lib.llama_sampler_init_greedy())
+            return chain
+        chain.add(lib.llama_sampler_init_top_k(self.TOP_K))
+        chain.add(lib.llama_sampler_init_top_p(self.sampling.top_p, 1))
+        chain.add(lib.llama_sampler_init_min_p(self.MIN_P, 1))
+        chain.add(lib.llama_sampler_init_temp(self.sampling.temperature))
+        chain.add(lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _prepared(self, request: ChatRequest) -> tuple[list[int], list[int]]:
+        """(prompt tokens, shared prefix), or the one-line error of a prompt too long for the context."""
+        tokens = self._tokens(self._prompt(request))
+        if len(tokens) + self.sampling.max_tokens > self.context:
+            raise OvmlError(f"a prompt needs {len(tokens) + self.sampling.max_tokens} tokens with --max-tokens "
+                            f"{self.sampling.max_tokens}, more than the model's {self.context}-token context; "
+                            "shorten the longest labels or lower --max-labels")
+        return tokens, self._shared_prefix(request, tokens)
+
+    def _start(self, tokens: list[int], prefix: list[int], seed: int, slot: int) -> _Sequence:
+        """A prompt's sequence: the shared prefix copied into `slot`, the rest of the prompt still to decode."""
+        if prefix != self._prefix_in_cache:
+            self._decoder.reset(prefix)
+            self._prefix_in_cache = prefix
+        self._decoder.copy_prefix(slot)
+        return _Sequence(slot, len(prefix), tokens[len(prefix):], self._sampler(seed))
+
+    def _finish(self, sequence: _Sequence, token: int) -> str | None:
+        """The answer if `token` ends the sequence (end of turn, quote, newline, --max-tokens), else None."""
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            return json.dumps({"caption": sequence.text()})
+        sequence.answer += self._llm.detokenize([token])
+        stops = [i for i in (sequence.answer.find(b'"'), sequence.answer.find(b"\n")) if i >= 0]
+        if stops:
+            sequence.answer = sequence.answer[:min(stops)]
+            return json.dumps({"caption": sequence.text()})
+        if sequence.generated >= self.sampling.max_tokens:
+            return self.PREFILL + sequence.text()
+        return None
+
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
-        for request in requests:
-            tokens = self._tokens(self._prompt(request))
-            if len(tokens) + self.sampling.max_tokens > self.context:
-                raise OvmlError(f"a prompt needs {len(tokens) + self.sampling.max_tokens} tokens with --max-tokens "
-                                f"{self.sampling.max_tokens}, more than the model's {self.context}-token context; "
-                                "shorten the longest labels or lower --max-labels")
-            self._start_from(self._shared_prefix(request, tokens))
-            answer = self._llm.create_completion(
-                tokens, seed=request.seed, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-                max_tokens=self.sampling.max_tokens, stop=['"', "\n"],
-            )["choices"][0]
-            text = answer["text"].rstrip("\\")
-            yield json.dumps({"caption": text}) if answer["finish_reason"] == "stop" else self.PREFILL + text
+        waiting = [(i, *self._prepared(r), r.seed) for i, r in enumerate(requests)][::-1]  # pop() = request order
+        free = list(range(self.SEQUENCES, 0, -1))  # sequence 0 holds the shared prefix
+        running: dict[int, tuple[int, _Sequence]] = {}
+        answers: dict[int, str] = {}
+        next_out = 0
+        try:
+            while waiting or running:
+                # A prompt joins while a slot is free, its prefix is the one in the cache (another prefix
+                # waits until the running prompts drain) and llama.cpp's batch has room for its tokens.
+                while waiting and free and (not running or (
+                        waiting[-1][2] == self._prefix_in_cache and self._pending(running) + len(waiting[-1][1])
+                        <= self._decoder.batch_tokens)):
+                    index, tokens, prefix, seed = waiting.pop()
+                    slot = free.pop()
+                    running[slot] = (index, self._start(tokens, prefix, seed, slot))
+                outputs = self._decoder.decode(sorted((seq for _, seq in running.values()), key=lambda s: s.slot))
+                for slot, row in outputs.items():
+                    index, sequence = running[slot]
+                    token = sequence.sampler.sample(self._decoder.ctx, row)
+                    sequence.accept(token)
+                    answer = self._finish(sequence, token)
+                    if answer is not None:
+                        answers[index] = answer
+                        sequence.sampler.free()
+                        del running[slot]
+                        free.append(slot)
+                while next_out in answers:
+                    yield answers.pop(next_out)
+                    next_out += 1
+        finally:  # on an error or an abandoned generator the sequences' samplers still go
+            for _, sequence in running.values():
+                sequence.sampler.free()
+
+    @staticmethod
+    def _pending(running: dict) -> int:
+        return sum(len(sequence.pending) for _, sequence in running.values())
+
+
+@dataclass
+class _Sequence:
+    """One prompt being answered: its KV slot, the prompt tokens not yet decoded, the answer so far."""
+
+    slot: int
+    position: int  # of the next token to decode
+    pending: list[int]  # tokens to decode at the next step: the prompt's own part, then each sampled token
+    sampler: _SamplerChain
+    answer: bytes = b""
+    generated: int = 0
+
+    def accept(self, token: int) -> None:
+        self.position += len(self.pending)
+        self.pending = [token]
+        self.generated += 1
+
+    def text(self) -> str:
+        return self.answer.decode("utf-8", errors="ignore").rstrip("\\")
+
+
+class _SamplerChain:
+    """A llama.cpp sampler chain owned by one sequence (llama_sampler_sample also accepts the token)."""
+
+    def __init__(self, lib):
+        self._lib = lib
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+
+    def add(self, sampler) -> None:
+        self._lib.llama_sampler_chain_add(self.chain, sampler)
+
+    def sample(self, ctx, row: int) -> int:
+        return self._lib.llama_sampler_sample(self.chain, ctx, row)
+
+    def free(self) -> None:
+        if self.chain is not None:
+            self._lib.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+class _BatchDecoder:
+    """A llama.cpp context with one KV-cache stream per sequence and a llama_batch to fill each step."""
+
+    def __init__(self, lib, llm, sequences: int, n_ctx: int, threads: int):
+        params = lib.llama_context_default_params()
+        params.n_seq_max = sequences
+        params.n_ctx = n_ctx * sequences  # split evenly: n_ctx per sequence
+        params.kv_unified = False
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.n_batch = self.batch_tokens = max(2048, n_ctx)
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = lib.llama_init_from_model(llm.model, params)
+        if self.ctx is None:
+            raise OvmlError(f"llama.cpp could not create a context of {sequences} x {n_ctx} tokens (out of "
+                            "memory?); free memory or use a smaller model")
+        self._lib = lib
+        self._memory = lib.llama_get_memory(self.ctx)
+        self._batch = lib.llama_batch_init(self.batch_tokens, 0, 1)
+        self.context = lib.llama_n_ctx_seq(self.ctx)
+        # Freed before the model: the finalizer holds the Llama that owns it.
+        self._closed = weakref.finalize(self, _free_decoder, lib, self.ctx, self._batch, llm)
+
+    def reset(self, prefix: list[int]) -> None:
+        """Empty every stream, then evaluate `prefix` alone in sequence 0."""
+        self._lib.llama_memory_clear(self._memory, True)
+        for start in range(0, len(prefix), self.batch_tokens):
+            self._run([(0, start, prefix[start:start + self.batch_tokens], False)])
+
+    def copy_prefix(self, slot: int) -> None:
+        """Sequence 0's stream, cell for cell, into `slot`'s (done by llama.cpp at the next decode)."""
+        self._lib.llama_memory_seq_cp(self._memory, 0, slot, -1, -1)
+
+    def decode(self, sequences: list[_Sequence]) -> dict[int, int]:
+        """One step: every sequence's pending tokens; {slot: batch row of its next-token logits}."""
+        return self._run([(seq.slot, seq.position, seq.pending, True) for seq in sequences])
+
+    def _run(self, items: list[tuple[int, int, list[int], bool]]) -> dict[int, int]:
+        batch, n, rows = self._batch, 0, {}
+        for slot, position, tokens, want_logits in items:  # in slot order: llama.cpp splits on runs of slots
+            for offset, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.seq_id[n][0] = token, position + offset, 1, slot
+                batch.logits[n] = want_logits and offset == len(tokens) - 1
+                n += 1
+            rows[slot] = n - 1
+        batch.n_tokens = n
+        status = self._lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise OvmlError(f"llama.cpp failed to decode a batch of {n} tokens (llama_decode returned {status})")
+        return rows
+
+
+def _free_decoder(lib, ctx, batch, llm) -> None:
+    lib.llama_batch_free(batch)
+    lib.llama_free(ctx)
+
+
+def check_threads(threads: int) -> None:
+    if threads < 1:
+        raise OvmlError(f"--threads must be at least 1, got {threads}")
 
 
 class OpenAIBackend:
@@ -316,9 +493,9 @@ class VllmBackend:
 
 
 def open_backend(backend: str, model: str | None, base_url: str | None, sampling: Sampling,
-                 concurrency: int, extra_body: dict | None = None) -> LlmBackend:
+                 concurrency: int, extra_body: dict | None = None, threads: int = 1) -> LlmBackend:
     if backend == "llama-cpp":
-        return LlamaCppBackend(model, sampling)
+        return LlamaCppBackend(model, sampling, threads)
     if backend == "openai":
         return OpenAIBackend(base_url, model, sampling, concurrency, extra_body=extra_body)
     if backend == "vllm":

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.llm import CAPTION_SCHEMA, ChatRequest, Sampling, open_backend
+from ovml.pipeline.llm import CAPTION_SCHEMA, ChatRequest, LlamaCppBackend, Sampling, open_backend
 
 UNIT = "unit"  # the column every work item and every actor output row carries
 ERROR = "ovml_error"  # the column of an actor's answer when it met a user error instead
@@ -129,8 +129,8 @@ def _gather(dataset, expected: dict[Hashable, int]) -> Iterator[tuple[Any, pa.Ta
 
 
 def ray_chat(requests: dict[Hashable, list[ChatRequest]], backend: str, model: str | None, base_url: str | None,
-             sampling: Sampling, concurrency: int, extra_body: dict | None, *, address: str, actors: int
-             ) -> Iterator[tuple[Any, list[str], str, str | None]]:
+             sampling: Sampling, concurrency: int, extra_body: dict | None, threads: int, *, address: str,
+             actors: int) -> Iterator[tuple[Any, list[str], str, str | None]]:
     """(unit, raw answers in request order, model, structured-output dialect) per unit of chat requests.
 
     llama-cpp and openai run the local backends inside actors (one model or client each, on CPUs); vllm goes
@@ -142,8 +142,9 @@ def ray_chat(requests: dict[Hashable, list[ChatRequest]], backend: str, model: s
     if backend == "vllm":
         tables = _vllm_map(items, expected, model, sampling, address=address, actors=actors)
     else:
-        tables = ray_map(items, expected, LlmWorker, (backend, model, base_url, sampling, concurrency, extra_body),
-                         address=address, actors=actors, batch_size=concurrency if backend == "openai" else 1)
+        batch_size = concurrency if backend == "openai" else LlamaCppBackend.SEQUENCES  # decoded together
+        tables = ray_map(items, expected, LlmWorker, (backend, model, base_url, sampling, concurrency, extra_body,
+                                                      threads), address=address, actors=actors, batch_size=batch_size)
     for unit, table in tables:
         rows = table.sort_by("index")
         yield unit, rows["raw"].to_pylist(), rows["model"][0].as_py(), rows["dialect"][0].as_py()

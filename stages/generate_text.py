@@ -15,8 +15,8 @@ whichever shard or run made it, counts it toward --per-label, and numbers new pa
 existing one: raising --per-label tops up, lowering it keeps every row. Parts of another recipe are set
 aside, not deleted, in captions/archive/<recipe>/ (never read by later stages; move them back by hand to
 use them). Parts written before recipes were stamped are kept as the current recipe's. How many captions
-(per_label) and who makes them (base_url, concurrency, max_rounds, part_size) are not part of the recipe;
-base_url, concurrency, max_rounds and part_size do not even make the stage run again. Only --force
+(per_label) and who makes them (base_url, concurrency, threads, max_rounds, part_size) are not part of the
+recipe; base_url, concurrency, threads, max_rounds and part_size do not even make the stage run again. Only --force
 deletes captions: it builds a new pool from nothing, which replaces the old one when complete.
 """
 
@@ -44,7 +44,15 @@ from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, VOCABULARY, caption_parts, part_name
 from ovml.pipeline.config import as_params, not_fingerprinted
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
+from ovml.pipeline.llm import (
+    SMOLLM2_GGUF,
+    ChatRequest,
+    LlmBackend,
+    Sampling,
+    check_threads,
+    open_backend,
+    parse_caption,
+)
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.ray_engine import check_engine, ray_chat, ray_session
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
@@ -86,6 +94,7 @@ class GenerateTextConfig:
     base_url: str | None = not_fingerprinted(None)
     extra_body: dict | None = None  # server-specific sampling options for --backend openai (config file only)
     concurrency: int = not_fingerprinted(4)
+    threads: int = not_fingerprinted(1)  # llama-cpp; answers do not depend on it (tests/test_generate_text_llm.py)
     temperature: float = 0.8
     top_p: float = 0.95
     max_tokens: int = 96
@@ -154,6 +163,7 @@ def _check(cfg: GenerateTextConfig) -> None:
                         f"got {cfg.shard_index}")
     if cfg.part_size < 1 or cfg.max_rounds < 1:
         raise OvmlError("--part-size and --max-rounds must be at least 1")
+    check_threads(cfg.threads)
     check_engine(cfg.engine, cfg.ray_actors)
     if cfg.sampling == "cooccurrence" and not (cfg.cooccurrence and Path(cfg.cooccurrence).is_file()):
         raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE (a tag file, one image per line, "
@@ -416,7 +426,8 @@ def _open_checked(cfg: GenerateTextConfig, prompts: CaptionPrompts, labels: list
     (so it is dropped: None); a vLLM engine is not opened here at all, it would take a GPU from the replicas."""
     if cfg.engine == "ray" and cfg.backend == "vllm":
         return None
-    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body)
+    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body,
+                           cfg.threads)
     _check_longest_prompt(backend, prompts, labels, cfg)
     return None if cfg.engine == "ray" else backend
 
@@ -512,7 +523,8 @@ class _RayRound:
         requests = {k: [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in chunk]
                     for k, chunk in chunks.items()}
         self._stream = ray_chat(requests, cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency,
-                                cfg.extra_body, address=cfg.ray_address, actors=cfg.ray_actors) if requests else None
+                                cfg.extra_body, cfg.threads, address=cfg.ray_address, actors=cfg.ray_actors
+                                ) if requests else None
         self._arrived: dict[int, _Answers] = {}
         self.backend = cfg.backend
 

@@ -80,6 +80,27 @@ def test_an_answer_depends_only_on_its_prompt_and_seed_not_on_the_prompts_answer
         assert [answers[i] for i in range(len(requests))] == alone
 
 
+def test_an_answer_does_not_depend_on_the_prompts_decoded_beside_it_nor_on_threads():
+    """The backend decodes up to SEQUENCES prompts together; which ones share a batch changes with part sizes,
+    Ray batches and resumes. Each prompt alone (one sequence, 2 threads) must give the text it gives inside a
+    full batch, and inside a batch of other size and order where prompts join as others finish (1 thread)."""
+    prompts = CaptionPrompts.load()
+    variants = list(prompts.variants)
+    label_sets = [("dog",), ("car", "cat"), ("tree", "boat", "horse"), ("chair",), ("bicycle", "dog"), ("cat",)]
+    requests = [ChatRequest(prompts.messages(variants[i % len(variants)], labels), 2000 + i)
+                for i, labels in enumerate(label_sets)]
+    sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=24)
+    two_threads = LlamaCppBackend(None, sampling, threads=2)
+    alone = [next(two_threads.complete([request])) for request in requests]
+    together = list(two_threads.complete(requests))
+    one_thread = LlamaCppBackend(None, sampling, threads=1)
+    one_thread.SEQUENCES = 2  # four prompts join mid-way, beside other ones, in another order
+    reordered = list(one_thread.complete(requests[::-1]))[::-1]
+    assert len(set(alone)) == len(requests)
+    assert together == alone
+    assert reordered == alone
+
+
 def test_killed_run_resumes_to_the_same_captions_as_an_uninterrupted_run(tmp_path):
     labels = write_labels(tmp_path, LABELS[:4])
     common = ["--labels", str(labels), "--per-label", "1", "--max-labels", "2", "--max-tokens", "48",
