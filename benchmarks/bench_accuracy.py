@@ -25,6 +25,7 @@ The numbers are the testbed model's, never CLIP's.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -42,7 +43,7 @@ from PIL import Image
 
 from ovml.pipeline import atomic
 from ovml.pipeline.adapter import load_adapter
-from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, VOCABULARY, caption_parts, image_cache, part_name
+from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, LABEL_CACHE, VOCABULARY, caption_parts, image_cache, part_name
 from ovml.pipeline.clip import ClipSpec, load_clip
 from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, read_fashion_mnist_split
 from ovml.pipeline.image_cache import read_image_cache
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/accuracy"))
     parser.add_argument("--root", default=str(FASHION_MNIST_ROOT))
     parser.add_argument("--out", type=Path, default=Path("docs/accuracy/results.json"))
+    parser.add_argument("--finished-only", action="store_true", help="no new work: tables of the runs already "
+                        "finished under --work (a partial grid, e.g. at a deadline)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     unknown = set(args.variants) - set(VARIANTS)
@@ -102,13 +105,16 @@ def main() -> None:
         sys.exit(f"unknown --variants {sorted(unknown)}; choose among {list(VARIANTS)}")
 
     args.work.mkdir(parents=True, exist_ok=True)
-    pools = {(vocabulary, source): caption_pool(args.work, vocabulary, source, max(args.counts))
+    pools = {(vocabulary, source): args.work / f"pool-{vocabulary}-{source}" if args.finished_only
+             else caption_pool(args.work, vocabulary, source, max(args.counts))
              for vocabulary in args.vocabularies for source in args.sources}
     references, results = {}, []
     for spec in args.testbeds:
-        testbed = ensure_testbed(spec, args.root)
+        testbed = Path(ClipSpec.parse(spec).pretrained).stem if args.finished_only else ensure_testbed(spec, args.root)
         bed_dir = args.work / testbed
         images_dir = bed_dir / "images-run"
+        if args.finished_only and not (bed_dir / "probe-mosaics.npz").is_file():
+            continue
         print(embed_images(EmbedImagesConfig(run_dir=images_dir, clip=spec, dataset="fashion-mnist", root=args.root,
                                              mosaic=2)), flush=True)
         test = TestImages.read(images_dir)
@@ -119,9 +125,13 @@ def main() -> None:
             for count in args.counts:
                 variants = ["defaults"] + [v for v in args.variants if v != "defaults"] \
                     if source == "llm" and count == max(args.counts) else ["defaults"]
-                base = prefix_run(bed_dir / f"{vocabulary}-{source}-{count}", pool, count, spec, images_dir)
+                base = bed_dir / f"{vocabulary}-{source}-{count}"
+                if not args.finished_only:
+                    prefix_run(base, pool, count, spec, images_dir)
                 for variant in variants:
                     for seed in args.seeds:
+                        if args.finished_only and not (variant_dir(base, variant, seed) / EVAL_REPORT).is_file():
+                            continue
                         row = run_variant(base, variant, seed, spec, test, val_x, val_y)
                         for key, value in row["zero-shot (eval)"].items():  # eval's zero-shot is the reference's
                             assert abs(value - references[testbed]["zero-shot"][key]) < 1e-3, (key, value)
@@ -129,7 +139,8 @@ def main() -> None:
                                         "captions": count, **row})
                         print(f"{testbed} {vocabulary} {source} {count} {variant} seed {seed}: "
                               + ", ".join(f"{k} {v:.2f}" for k, v in row["test"].items()), flush=True)
-    caption_stats = {f"{v}-{s}": pool_stats(pool, v, max(args.counts)) for (v, s), pool in pools.items()}
+    caption_stats = {f"{v}-{s}": pool_stats(pool, v, max(args.counts)) for (v, s), pool in pools.items()
+                     if caption_parts(pool)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"held_out": HELD_OUT, "counts": args.counts, "seeds": args.seeds,
                                     "training": TRAINING, "defaults": DEFAULTS, "variants": VARIANTS,
@@ -282,6 +293,9 @@ def prefix_run(run_dir: Path, pool: Path, count: int, spec: str, images_dir: Pat
         shutil.copytree(images_dir / image_cache("fashion-mnist"), staging / image_cache("fashion-mnist"))
         staging.rename(run_dir)
     embed_text(EmbedTextConfig(run_dir=run_dir, clip=spec))
+    # eval's label embeddings, cached once here: every variant's copy (and its eval) reads them instead of
+    # encoding the prompt pool again
+    label_embeddings(_encoder(spec), list(FASHION_MNIST_CLASSES), "pool", cache_dir=run_dir / LABEL_CACHE)
     return run_dir
 
 
@@ -301,10 +315,22 @@ def pool_stats(pool: Path, vocabulary: str, count: int) -> dict:
 
 # ---------------------------------------------------------------- adapters
 
+EVAL_REPORT = "eval/fashion-mnist/report.json"
+
+
+def variant_dir(base: Path, variant: str, seed: int) -> Path:
+    return base.parent / "variants" / f"{base.name}-{variant.replace(' ', '_')}-seed{seed}"
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(spec: str):
+    return load_clip(spec, "cpu")
+
+
 def run_variant(base: Path, variant: str, seed: int, spec: str, test: TestImages, val_x: np.ndarray,
                 val_y: np.ndarray) -> dict:
     """train-adapter + eval in a copy of `base` (kept: a second call re-uses it); t10k and val metrics."""
-    run_dir = base.parent / "variants" / f"{base.name}-{variant.replace(' ', '_')}-seed{seed}"
+    run_dir = variant_dir(base, variant, seed)
     if not run_dir.is_dir():
         staging = run_dir.with_name(run_dir.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
@@ -313,9 +339,10 @@ def run_variant(base: Path, variant: str, seed: int, spec: str, test: TestImages
     settings = {**DEFAULTS, **VARIANTS[variant]}
     train_adapter(TrainAdapterConfig(run_dir=run_dir, clip=spec, seed=seed, **settings, **TRAINING))
     summary = evaluate(EvalConfig(run_dir=run_dir, clip=spec, dataset="fashion-mnist")).summary
-    encoder = load_clip(spec, "cpu")
+    encoder = _encoder(spec)
     adapter, config = load_adapter(run_dir / ADAPTER, spec, encoder.dim)
-    label_emb = torch.from_numpy(label_embeddings(encoder, list(FASHION_MNIST_CLASSES), config.label_templates))
+    label_emb = torch.from_numpy(label_embeddings(encoder, list(FASHION_MNIST_CLASSES), config.label_templates,
+                                                  cache_dir=run_dir / LABEL_CACHE))
     test_scores = adapter.score(torch.from_numpy(test.vectors), label_emb)
     recomputed = metrics(test_scores, test.positives)
     for key, value in summary.items():  # the recomputation must be eval's own numbers
