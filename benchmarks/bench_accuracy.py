@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--vocabularies", nargs="+", default=["closed", "open"], choices=["closed", "open"])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="settings compared at the largest "
                         "count on LLM captions (`defaults` is always run at every count)")
+    parser.add_argument("--grid-source", default="llm", choices=["grammar", "llm"],
+                        help="the captions the --variants are compared on (at the largest count)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=Path("runs/accuracy"))
     parser.add_argument("--root", default=str(FASHION_MNIST_ROOT))
@@ -124,7 +126,7 @@ def main() -> None:
         for (vocabulary, source), pool in pools.items():
             for count in args.counts:
                 variants = ["defaults"] + [v for v in args.variants if v != "defaults"] \
-                    if source == "llm" and count == max(args.counts) else ["defaults"]
+                    if source == args.grid_source and count == max(args.counts) else ["defaults"]
                 base = bed_dir / f"{vocabulary}-{source}-{count}"
                 if not args.finished_only:
                     prefix_run(base, pool, count, spec, images_dir)
@@ -146,7 +148,7 @@ def main() -> None:
                                     "training": TRAINING, "defaults": DEFAULTS, "variants": VARIANTS,
                                     "references": references, "captions": caption_stats, "results": results,
                                     "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
-    print(markdown(references, results, args.counts))
+    print(markdown(references, results, args.counts, args.grid_source))
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
 
 
@@ -385,7 +387,7 @@ def table(reference: dict, runs: dict[str, list[dict]], vocabulary: str, split: 
     return lines
 
 
-def markdown(references: dict, results: list[dict], counts: list[int]) -> str:
+def markdown(references: dict, results: list[dict], counts: list[int], grid_source: str) -> str:
     lines = []
     for testbed, reference in references.items():
         for vocabulary in dict.fromkeys(r["vocabulary"] for r in results):
@@ -397,13 +399,13 @@ def markdown(references: dict, results: list[dict], counts: list[int]) -> str:
             lines += table(reference, {k: v for k, v in curve.items() if v}, vocabulary)
             grid = {}
             for r in rows:
-                if r["source"] == "llm" and r["captions"] == max(counts):
+                if r["source"] == grid_source and r["captions"] == max(counts):
                     grid.setdefault(r["variant"], []).append(r)
             if len(grid) > 1:
                 for split, images in (("val", "validation mosaics (train[55000:], where settings are compared)"),
                                       ("test", "t10k")):
-                    lines += ["", f"### {testbed}, {vocabulary} vocabulary: settings, {max(counts)} LLM captions, "
-                              f"{images}", ""]
+                    lines += ["", f"### {testbed}, {vocabulary} vocabulary: settings, {max(counts)} {grid_source} "
+                              f"captions, {images}", ""]
                     lines += table(reference, grid, vocabulary, split)
     return "\n".join(lines)
 
