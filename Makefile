@@ -33,7 +33,9 @@ demo: install
 	@test -d $(FASHION_MNIST) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } || true
 	@if [ -d $(FASHION_MNIST) ]; then \
-	  $(VENV)/bin/ovml train-testbed && $(VENV)/bin/ovml run --config examples/demo.toml; \
+	  $(VENV)/bin/ovml train-testbed && \
+	  $(VENV)/bin/ovml embed-images --config examples/demo.toml --split train --limit 2000 && \
+	  $(VENV)/bin/ovml run --config examples/demo.toml; \
 	else \
 	  echo "Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist): using drawn silhouettes"; \
 	  $(PY) examples/make_generated_set.py runs/demo-images && $(VENV)/bin/ovml run --config examples/demo-generated.toml; \

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ovml.pipeline import atomic
+from ovml.pipeline.probe import headroom_recovered
 
 RANDOM_WEIGHTS_NOTE = "CLIP weights were random: these numbers measure cost only, never accuracy."
 
@@ -73,7 +74,22 @@ def eval_tables(report: dict[str, Any]) -> str:
                   "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for method, values in protocol["metrics"].items():  # adapter, zero-shot, then any +local rows
             lines.append(f"| {method} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
+        if "ceiling" in protocol["metrics"]:
+            lines += ["", _headroom_line(protocol["metrics"])]
+    if report.get("ceiling"):
+        ceiling = report["ceiling"]
+        lines += ["", f"ceiling: a linear probe trained WITH the labels of {ceiling['images']} images of the "
+                  f"`{ceiling['cache']}` cache (labels the adapter never sees): the reference for what a head on "
+                  "these image features can reach."]
     return "\n".join(lines)
+
+
+def _headroom_line(metrics: dict[str, dict[str, float | None]]) -> str:
+    """The share of the zero-shot-to-ceiling gap in mAP that the adapter recovers."""
+    values = [metrics[m]["mAP"] for m in ("adapter", "zero-shot", "ceiling")]
+    share = None if None in values else headroom_recovered(*values)
+    shown = "n/a (the ceiling is not above zero-shot)" if share is None else f"{100 * share:.1f} %"
+    return f"headroom recovered by the adapter, (adapter - zero-shot) / (ceiling - zero-shot) in mAP: {shown}"
 
 
 def _percent(value: float | None) -> str:

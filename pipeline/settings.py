@@ -305,6 +305,9 @@ class EvalConfig(StageSettings):
                                  "pooled patch score in (1 - w) * global + w * local.")
     local_top_k: int = option(4, "+local rows of an adapter without a local head: mean of each label's k best patch "
                               "scores (an adapter with one pools as it was trained).")
+    ceiling: str | None = option(None, "An image cache of labelled training images in the run dir (e.g. "
+                                 "fashion-mnist-train from embed-images --split train): adds the supervised ceiling, "
+                                 "a linear probe trained with its labels, and the headroom the adapter recovers.")
 
 
 @dataclass
@@ -338,7 +341,8 @@ class TestbedConfig:
     out: Path = option(Path("runs/testbed/ovml-testbed.safetensors"), "Checkpoint to write (reused when it already "
                        "holds the same recipe).", fingerprint=False)
     root: str = option(str(FASHION_MNIST_ROOT), "Folder with the Fashion-MNIST train-* IDX files.")
-    arch: str = option(TESTBED_ARCH, "open_clip architecture.", cli=False)
+    arch: str = option(TESTBED_ARCH, "open_clip architecture: ovml-testbed (128-d joint space) or ovml-testbed-256 "
+                       "(256-d).")
     mosaic: int = option(2, "K for the K x K training mosaics.")
     single_fraction: float = option(0.25, "Pictures that are one item, full frame.", cli=False)
     blank_fraction: float = option(0.25, "Chance that a mosaic cell is left empty (at least one item stays).",

@@ -7,7 +7,9 @@ pipeline/datasets.py DATASETS: NUS-WIDE ZSL/GZSL with F1@3/5, Open Images ZSL/GZ
 all labels with F1@3. In the zero-shot protocols an image counts only if it has a positive among the
 protocol's labels, as in the papers; elsewhere every image counts. A cache made with `embed-images --local`
 adds the `adapter+local` and `zero-shot+local` rows (LocalScorer): global and pooled patch scores fused; they
-did not beat the global rows on the testbed (docs/accuracy.md).
+did not beat the global rows on the testbed (docs/accuracy.md). `--ceiling CACHE` adds the supervised ceiling: a
+linear probe trained with the labels of another cache's images (e.g. `embed-images --split train`), and the
+share of the headroom between zero-shot and it that the adapter recovers.
 
 Memory is bounded by the chunk and block sizes, not by images x labels (125,000 x 7,586 for Open Images): no
 score matrix is ever held whole. F1@K is pooled counts, summed over chunks of images; AP is per label, computed
@@ -46,6 +48,7 @@ from ovml.pipeline.metrics import (
     mean_average_precision,
     top_k_mask,
 )
+from ovml.pipeline.probe import fit_ceiling
 from ovml.pipeline.report import eval_markdown, plot_ap_scatter, plot_pr_curves
 from ovml.pipeline.rundir import RunDir, StageOutcome, check_same_clip, files_under, run_stage
 from ovml.pipeline.settings import EvalConfig, as_params, check_settings
@@ -79,12 +82,47 @@ def evaluate(cfg: EvalConfig) -> StageOutcome:
         raise OvmlError(f"{run_dir / cache} holds no image (all {info.get('failures', 0)} failed to read or the "
                         f"dataset lists none); fix the images under --root and re-run `ovml embed-images --force`")
     check_same_clip(info["clip"], cfg.clip, run_dir / cache)
+    caches = [cache]
+    if cfg.ceiling is not None:
+        caches.append(_check_ceiling_cache(run_dir, cfg))
+    params = as_params(cfg)
+    if cfg.ceiling is None:  # reports made before --ceiling existed keep their fingerprint
+        del params["ceiling"]
     output = eval_dir(cfg.dataset)
     return run_stage(
-        run_dir, f"eval/{cfg.dataset}", params=as_params(cfg), inputs=inputs, outputs=[output],
+        run_dir, f"eval/{cfg.dataset}", params=params,
+        inputs=files_under(run_dir.path, [*caches, ADAPTER]), outputs=[output],
         body=lambda out, resume: _evaluate(cfg, run_dir, run_dir / cache, out / output),
         force=cfg.force, models={"clip": cfg.clip},
     )
+
+
+def _check_ceiling_cache(run_dir: RunDir, cfg: EvalConfig) -> str:
+    """--ceiling names a labelled image cache of this run dir, embedded by the same CLIP, that is not the one
+    evaluated (the ceiling must never see the test images' labels)."""
+    cache = image_cache(cfg.ceiling)
+    if cfg.ceiling == cfg.dataset or not (run_dir / cache / "dataset.json").is_file():
+        raise OvmlError(f"--ceiling {cfg.ceiling}: {run_dir / cache} holds no other image cache; embed labelled "
+                        f"training images first, e.g. `ovml embed-images --dataset {cfg.dataset} --split train`")
+    run_dir.verified_hashes(files_under(run_dir.path, [cache]))  # before anything is read from it
+    check_same_clip(read_dataset_info(run_dir / cache).get("clip"), cfg.clip, run_dir / cache)
+    return cache
+
+
+def _ceiling_scorer(cache: Path, images: torch.Tensor, score_labels: list[str]) -> tuple[Scorer, dict[str, Any]]:
+    """A linear probe trained with the labels of another cache's images (scores [x, 1] @ [weight, bias]), and
+    what the report says of it."""
+    vectors, items, _ = read_image_cache(cache)
+    positives, _ = ground_truth(items, score_labels).dense(np.arange(len(items)), np.arange(len(score_labels)))
+    missing = [label for label, n in zip(score_labels, positives.sum(axis=0), strict=True) if n == 0]
+    if missing:
+        raise OvmlError(f"--ceiling: {cache} has no image of {', '.join(missing[:5])}"
+                        f"{' and more' if len(missing) > 5 else ''}; the ceiling needs every evaluated label")
+    probe = fit_ceiling(vectors, positives)
+    with_one = torch.cat([images, torch.ones(len(images), 1)], dim=1)
+    weights = torch.from_numpy(np.concatenate([probe.weight, probe.bias[:, None]], axis=1))
+    about = {"cache": cache.name, "images": len(items), "weight_decay": probe.weight_decay}
+    return Scorer(with_one, weights, lambda h, w: h @ w.T), about
 
 
 def _adapter_summary(config: AdapterConfig) -> dict[str, Any]:
@@ -123,6 +161,9 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
                 continue
             scorers[f"{method}+local"] = LocalScorer(scorers[method], patches, np.arange(len(patches)), patch_scores,
                                                      cfg.local_weight)
+    ceiling = None
+    if cfg.ceiling is not None:
+        scorers["ceiling"], ceiling = _ceiling_scorer(run_dir / image_cache(cfg.ceiling), images, score_labels)
     truth = ground_truth(items, score_labels)
     column = {label: i for i, label in enumerate(score_labels)}
 
@@ -132,6 +173,8 @@ def _evaluate(cfg: EvalConfig, run_dir: RunDir, cache: Path, out: Path) -> dict[
         "images": len(items), "failures": int(info.get("failures", 0)),
         "adapter": _adapter_summary(adapter_config), "protocols": {},
     }
+    if ceiling is not None:
+        report["ceiling"] = ceiling
     if patches is not None:
         head = adapter_config.local_pooling is not None
         report["local"] = {"weight": cfg.local_weight, "patches": int(patches.shape[1]), "local_head": head,

@@ -191,12 +191,15 @@ def noise_folder(root, images=20):
     return root / "labels.csv"
 
 
-def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=None, ignored=None, seed=0):
-    """images/<dataset>/ as embed-images writes it; each image vector leans towards its positives' embeddings."""
+def build_cache(run_dir, clip, dataset, labels, splits, positives, negatives=None, ignored=None, seed=0,
+                directions=None):
+    """images/<dataset>/ as embed-images writes it; each image vector leans towards its positives' embeddings
+    (or towards their rows of `directions` [labels, d], where zero-shot CLIP cannot follow)."""
     encoder = load_clip(clip)
     label_emb = label_embeddings(encoder, labels, cache_dir=run_dir / LABEL_CACHE)  # eval reuses it
     rng = np.random.default_rng(seed)
-    vectors = positives.astype(np.float32) @ label_emb + 0.5 * rng.standard_normal((len(positives), encoder.dim))
+    lean = label_emb if directions is None else directions
+    vectors = positives.astype(np.float32) @ lean + 0.5 * rng.standard_normal((len(positives), encoder.dim))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     names = np.array(labels)
     directory = run_dir / "images" / dataset

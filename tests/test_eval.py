@@ -421,3 +421,61 @@ def test_eval_reads_a_pq_patch_cache_as_it_reads_float16_patches(tmp_path, tiny_
                        if row["method"] == "zero-shot+local"}
     for image_id, scores in maps["float16"].items():
         assert maps["pq"][image_id] == pytest.approx(scores, abs=0.05)
+
+
+def ceiling_run(tmp_path, tiny_clip):
+    """The nuswide run plus a labelled training cache of other images (as embed-images --split train makes); the
+    images lean towards directions of their own, so zero-shot is poor and the probe has something to learn."""
+    run_dir = tmp_path / "run"
+    splits = {"seen": [x for x in NUSWIDE_LABELS if x not in UNSEEN], "unseen": UNSEEN, "all": NUSWIDE_LABELS}
+    directions = np.random.default_rng(7).standard_normal((len(NUSWIDE_LABELS), load_clip(tiny_clip).dim)) / 4
+    build_cache(run_dir, tiny_clip, "nuswide", NUSWIDE_LABELS, splits, nuswide_positives(), directions=directions)
+    build_cache(run_dir, tiny_clip, "nuswide-train", NUSWIDE_LABELS, splits, nuswide_positives(n=600, seed=1), seed=1,
+                directions=directions)
+    build_adapter(run_dir, tiny_clip)
+    return run_dir
+
+
+def test_ceiling_adds_a_probe_row_trained_on_the_other_caches_labels_to_every_protocol(tmp_path, tiny_clip):
+    run_dir = ceiling_run(tmp_path, tiny_clip)
+    summary = run_eval(run_dir, tiny_clip, ceiling="nuswide-train").summary
+    report = json.loads((run_dir / "eval/nuswide/report.json").read_text())
+    assert all(set(p["metrics"]) == {"adapter", "zero-shot", "ceiling"} for p in report["protocols"].values())
+    assert report["ceiling"]["cache"] == "nuswide-train" and report["ceiling"]["images"] == 600
+    vectors, _, _ = read_image_cache(run_dir / "images/nuswide")
+    train, items, _ = read_image_cache(run_dir / "images/nuswide-train")
+    positives = np.array([[label in row for label in NUSWIDE_LABELS] for row in items["positives"].to_pylist()])
+    from ovml.pipeline.probe import fit_ceiling
+
+    scores = fit_ceiling(train, positives).scores(vectors)
+    truth = nuswide_positives()
+    rows = truth[:, [NUSWIDE_LABELS.index(x) for x in UNSEEN]].any(axis=1)
+    expected, _ = evaluate_scores(scores[rows][:, [NUSWIDE_LABELS.index(x) for x in UNSEEN]],
+                                  truth[rows][:, [NUSWIDE_LABELS.index(x) for x in UNSEEN]], None, (3, 5))
+    assert summary["ZSL mAP"]["ceiling"] == pytest.approx(expected["mAP"], abs=1e-6)
+
+
+def test_the_report_shows_the_headroom_the_adapter_recovers(tmp_path, tiny_clip):
+    run_dir = ceiling_run(tmp_path, tiny_clip)
+    run_eval(run_dir, tiny_clip, ceiling="nuswide-train")
+    report = json.loads((run_dir / "eval/nuswide/report.json").read_text())
+    gzsl = {m: v["mAP"] for m, v in report["protocols"]["GZSL"]["metrics"].items()}
+    assert gzsl["ceiling"] > gzsl["zero-shot"]
+    share = (gzsl["adapter"] - gzsl["zero-shot"]) / (gzsl["ceiling"] - gzsl["zero-shot"])
+    text = (run_dir / "eval/nuswide/report.md").read_text()
+    assert f"(adapter - zero-shot) / (ceiling - zero-shot) in mAP: {100 * share:.1f} %" in text
+    assert "labels the adapter never sees" in text
+
+
+@pytest.mark.parametrize("ceiling", ["nuswide", "missing-cache"])
+def test_a_ceiling_that_is_the_evaluated_cache_or_absent_is_a_one_line_error(tmp_path, tiny_clip, ceiling):
+    run_dir = ceiling_run(tmp_path, tiny_clip)
+    with pytest.raises(OvmlError, match=f"--ceiling {ceiling}: .* holds no other image cache; embed labelled"):
+        run_eval(run_dir, tiny_clip, ceiling=ceiling)
+    assert not (run_dir / "eval").exists()
+
+
+def test_eval_without_ceiling_keeps_its_fingerprint(nuswide_run, tiny_clip):
+    run_dir, _ = nuswide_run
+    run_eval(run_dir, tiny_clip)
+    assert "ceiling" not in json.loads((run_dir / "manifest.json").read_text())["stages"]["eval/nuswide"]["params"]

@@ -122,3 +122,20 @@ def test_an_eval_report_on_the_testbed_model_says_first_what_the_model_is(train_
     assert report["random_weights"] is False
     first_line = (run_dir / "eval/folder/report.md").read_text().splitlines()[0]
     assert "testbed" in first_line and "not comparable with published CLIP results" in first_line
+
+
+def test_the_256_d_testbed_architecture_differs_only_in_its_joint_space():
+    import open_clip
+
+    small, large = (open_clip.get_model_config(arch) for arch in ("ovml-testbed", "ovml-testbed-256"))
+    assert (small["embed_dim"], large["embed_dim"]) == (128, 256)
+    assert {**large, "embed_dim": 128} == small
+
+
+def test_train_testbed_arch_flag_reaches_the_recipe(tmp_path):
+    from test_cli import ovml
+
+    result = ovml("train-testbed", "--arch", "no-such-arch", "--out", str(tmp_path / "t.safetensors"))
+    assert result.returncode == 2
+    assert "unknown CLIP architecture 'no-such-arch'" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
