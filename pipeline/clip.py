@@ -28,6 +28,7 @@ from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 from ovml.pipeline.device import pick_device
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.paths import input_file
+from ovml.pipeline.rundir import RunDir
 
 RANDOM = "random"
 RANDOM_SEED = 0
@@ -363,6 +364,16 @@ def check_clip(spec: str, device: str = "auto") -> ClipSpec:
         except Exception as e:  # noqa: BLE001 - whatever the hub client raises for a file it does not have
             raise _weights_unavailable(spec, parsed, e) from None
     return parsed
+
+
+def check_run_clip(run_dir: Path, requested: str | None, device: str) -> None:
+    """A command's CLIP, before anything runs: the spec given (its file, tag, device), then that it is the run
+    directory's own (RunDir.clip); the run directory's spec when none is given."""
+    if requested is not None:
+        check_clip(requested, device)
+    resolved = RunDir(run_dir).clip(requested)
+    if requested is None:
+        check_clip(resolved, device)
 
 
 def _weights_unavailable(spec: str, parsed: ClipSpec, e: Exception) -> OvmlError:

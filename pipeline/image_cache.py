@@ -163,7 +163,7 @@ def read_index(path: Path) -> np.ndarray:
         count, = struct.unpack("<q", head[37:45])
         if count == n * dim and Path(path).stat().st_size == FLAT_HEADER + 4 * count:
             return np.fromfile(path, dtype=np.float32, offset=FLAT_HEADER, count=count).reshape(n, dim)
-    index = load_index(path)
+    index = open_index(path)
     return index.reconstruct_n(0, index.ntotal)
 
 

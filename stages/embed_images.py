@@ -22,7 +22,7 @@ import torch
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import image_cache
-from ovml.pipeline.clip import check_clip, load_clip
+from ovml.pipeline.clip import check_run_clip, load_clip
 from ovml.pipeline.datasets import DATASETS, Dataset, Record, cache_name, read_dataset
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import (
@@ -50,7 +50,7 @@ def check(cfg: EmbedImagesConfig) -> Dataset:
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic, split=cfg.split)
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no images; check --root")
-    check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+    check_run_clip(cfg.run_dir, cfg.clip, cfg.device)
     return dataset
 
 

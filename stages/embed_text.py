@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, TEXT_EMB, TRAIN_LABELS, VOCABULARY, caption_parts
-from ovml.pipeline.clip import autocast_dtype, check_clip, load_clip, pick_device
+from ovml.pipeline.clip import autocast_dtype, check_run_clip, load_clip, pick_device
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
 from ovml.pipeline.progress import progress_bar
@@ -32,7 +32,7 @@ def check(cfg: EmbedTextConfig) -> None:
     if cfg.local and cfg.engine == "ray":
         raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
     autocast_dtype(cfg.precision, pick_device(cfg.device))
-    check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+    check_run_clip(cfg.run_dir, cfg.clip, cfg.device)
 
 
 def embed_text(cfg: EmbedTextConfig) -> StageOutcome:

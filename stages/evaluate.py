@@ -33,7 +33,7 @@ import torch
 from ovml.pipeline import atomic
 from ovml.pipeline.adapter import Adapter, AdapterConfig, fuse_local, load_adapter, pool_tokens
 from ovml.pipeline.artifacts import ADAPTER, LABEL_CACHE, eval_dir, image_cache
-from ovml.pipeline.clip import check_clip, load_clip
+from ovml.pipeline.clip import check_run_clip, load_clip
 from ovml.pipeline.datasets import DATASETS, Protocol, open_vocabulary_protocol
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import read_dataset_info, read_image_cache, read_patches
@@ -63,7 +63,7 @@ def check(cfg: EvalConfig) -> None:
     check_settings(cfg)
     if cfg.dataset not in DATASETS:
         raise OvmlError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(DATASETS)}")
-    check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+    check_run_clip(cfg.run_dir, cfg.clip, cfg.device)
 
 
 def evaluate(cfg: EvalConfig) -> StageOutcome:

@@ -138,9 +138,9 @@ def check(cfg: GenerateTextConfig) -> Vocabulary:
             raise OvmlError(f"--sampling cooccurrence needs --cooccurrence FILE ({tag_file})")
         input_file(cfg.cooccurrence, "--cooccurrence file", f"pass {tag_file}")
     if cfg.sampling == "similar":
-        from ovml.pipeline.clip import check_clip
+        from ovml.pipeline.clip import check_run_clip
 
-        check_clip(RunDir(cfg.run_dir).clip(cfg.clip), cfg.device)
+        check_run_clip(cfg.run_dir, cfg.clip, cfg.device)
     return load_vocabulary(cfg.labels, cfg.dataset_root)
 
 

@@ -260,7 +260,7 @@ def test_run_without_a_generate_text_section_names_the_config_key_not_a_flag(run
     config = run.work / "ovml.toml"
     config.write_text(f'run_dir = "{run.dir}"\n')
     result = invoke(["run", "--config", str(config)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a config error, found by the checks before any stage runs
     assert 'labels = "FILE" in the [generate_text] section' in " ".join(result.output.split()), result.output
 
 
