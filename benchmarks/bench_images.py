@@ -30,19 +30,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_accuracy import grammar_pool  # a sibling script: benchmarks/ is on sys.path
 
-from ovml.pipeline import atomic
-from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, VOCABULARY, caption_parts, part_name
+from ovml.pipeline.artifacts import ADAPTER
 from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT
 from ovml.pipeline.image_cache import read_image_cache
 from ovml.pipeline.metrics import evaluate_scores
-from ovml.pipeline.testbed import CaptionGrammar, TestbedConfig
+from ovml.pipeline.testbed import TestbedConfig
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 from ovml.stages.embed_text import EmbedTextConfig, embed_text
 from ovml.stages.evaluate import EvalConfig, evaluate
-from ovml.stages.generate_text import CAPTION_SCHEMA
 from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 
 LABEL_FILE = Path("examples/fashion_labels.txt")  # seen-label file for the image-only rows: its 7 seen lines
@@ -146,26 +144,6 @@ def main() -> None:
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
 
 
-def grammar_pool(run_dir: Path, labels: list[str], count: int, seed: int = 0) -> None:
-    """`count` distinct grammar captions, each naming 1-3 distinct labels (as generate-text --max-labels 3 asks),
-    written as a captions part and vocabulary.json in generate-text's schema; labels = exactly those named."""
-    if caption_parts(run_dir):
-        return
-    grammar, rng = CaptionGrammar.load(), np.random.default_rng(seed)
-    ids = [FASHION_MNIST_CLASSES.index(label) for label in labels]
-    rows, seen = [], set()
-    while len(rows) < count:
-        chosen = sorted(rng.choice(ids, size=int(rng.integers(1, 4)), replace=False).tolist())
-        text = grammar.caption(chosen, rng)
-        if text.lower() in seen:
-            continue
-        seen.add(text.lower())
-        named = [FASHION_MNIST_CLASSES[i] for i in chosen]
-        rows.append({"caption_id": f"grammar-{len(rows)}", "text": text, "labels": named, "requested": named,
-                     "prompt_id": "testbed-grammar", "backend": "grammar", "model": "prompts/testbed_grammar.json",
-                     "seed": seed})
-    atomic.write_json(run_dir / VOCABULARY, {"labels": labels, "synonyms": {}})
-    atomic.write_parquet(run_dir / CAPTIONS / part_name(0), pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA))
 
 
 def scores_metrics(run_dir: Path, held_out: list[str]) -> dict[str, float]:

@@ -325,3 +325,8 @@ def flip_bytes(path: Path, count: int = 64) -> None:
     for i in range(len(data) // 2, len(data) // 2 + count):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def unit(m: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, as CLIP embeddings are."""
+    return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)

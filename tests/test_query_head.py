@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import build_adapter, folder_release
+from helpers import build_adapter, folder_release, unit
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -30,16 +30,7 @@ DIM = 16
 LABELS = [f"label{i}" for i in range(6)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def unit(m: np.ndarray) -> np.ndarray:
-    return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def token_run(root: Path, n: int = 300, tokens: bool = True) -> np.ndarray:

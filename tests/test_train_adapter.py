@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import unit
 from typer.testing import CliRunner
 
 from ovml.cli import app
@@ -21,17 +22,7 @@ from ovml.stages.train_adapter import TrainAdapterConfig, train_adapter
 CLIP = "sim:unit-test"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def unit(m: np.ndarray) -> np.ndarray:
-    return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def write_run(root: Path, label_emb: np.ndarray, text_emb: np.ndarray, targets: np.ndarray,

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from helpers import unit
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -24,16 +25,7 @@ CLIP = "sim:unit-test"
 LABELS = [f"label{i}" for i in range(6)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def unit(m: np.ndarray) -> np.ndarray:
-    return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def label_vectors(dim: int = 16) -> np.ndarray:
@@ -185,7 +177,7 @@ def test_a_seen_label_file_is_an_input_of_the_stage(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--no-captions"], "add --images CACHE"),
     (["--images-per-label", "3"], "add --images CACHE"),
-    (["--images", "train", "--images-per-label", "0"], "--images-per-label must be >= 1"),
+    (["--images", "train", "--images-per-label", "0"], "--images-per-label must be at least 1"),
     (["--images", "absent"], "holds no image cache; run `ovml embed-images`"),
     (["--images", "train", "--seen-labels", "nuswide:seen"], "--seen-labels nuswide:seen: the image cache is folder"),
     (["--images", "train", "--local"], "drop --local (or --images"),
@@ -204,7 +196,7 @@ def test_images_of_another_clip_model_are_refused(tmp_path):
     label_emb = label_vectors()
     caption_run(tmp_path, label_emb, LABELS[:4])
     image_cache(tmp_path, "train", label_emb, clip="other:model")
-    with pytest.raises(OvmlError, match="embedded with 'other:model'"):
+    with pytest.raises(OvmlError, match="made with CLIP 'other:model'"):
         train_adapter(config(tmp_path, images="train"))
 
 
