@@ -23,10 +23,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ovml.pipeline.caption_pool import dedup_key
+from ovml.pipeline.caption_prompts import CaptionPrompts, PlannedPrompt
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, OpenAIBackend, Sampling, default_gguf
 from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
-from ovml.stages.generate_text import CaptionPrompts, PlannedPrompt, _dedup_key, _verify
+from ovml.stages.generate_text import _verify
 
 LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle", "person", "beach", "bus", "bird",
           "table", "cup", "umbrella", "train", "flower", "bench", "kite", "sheep", "truck", "clock", "book",
@@ -78,7 +80,7 @@ def measure(name: str, backend, planned: list[PlannedPrompt], **fields) -> dict:
     for prompt, raw in zip(planned, backend.complete(requests), strict=True):
         reason, text, _ = _verify(raw, prompt, matcher, seen)
         if reason is None:
-            seen.add(_dedup_key(text))
+            seen.add(dedup_key(text))
             kept += 1
     seconds = time.perf_counter() - start
     row = {"path": name, **fields, "prompts": len(planned), "kept": kept, "keep_rate": kept / len(planned),
