@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 import types
 import typing
@@ -104,7 +105,7 @@ def _call_stage(stage: Stage, options: dict[str, Any]):
         _environment_fault(e, getattr(cfg, "run_dir", None))
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume")
-        raise typer.Exit(130) from None
+        _exit_now(130)
     _print_outcome(outcome)
     return outcome
 
@@ -144,10 +145,21 @@ def _stage_command(stage: Stage, options: dict[str, Any], json_out: bool) -> Non
 
 
 def _run_command(stage: Stage, options: dict[str, Any], json_out: bool) -> None:
-
     from ovml.stages.run import run_command  # light: the stages are imported once the lock is held
 
-    raise typer.Exit(run_command(options.pop("config", None), options["run_dir"], json_out))
+    code = run_command(options.pop("config", None), options["run_dir"], json_out)
+    if code > 128:  # stopped by a signal
+        _exit_now(code)
+    raise typer.Exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once after an interruption, its message printed: worker threads still waiting on a server that
+    does not answer (generate-text's HTTP requests) would otherwise hold the process for minutes. Everything on
+    disk was written atomically; the staging folder is where the next run resumes."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 for _stage in STAGES:
