@@ -105,7 +105,7 @@ def _call_stage(stage: Stage, options: dict[str, Any]):
         _environment_fault(e, getattr(cfg, "run_dir", None))
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume")
-        _exit_now(130)
+        raise typer.Exit(130) from None
     _print_outcome(outcome)
     return outcome
 
@@ -147,19 +147,7 @@ def _stage_command(stage: Stage, options: dict[str, Any], json_out: bool) -> Non
 def _run_command(stage: Stage, options: dict[str, Any], json_out: bool) -> None:
     from ovml.stages.run import run_command  # light: the stages are imported once the lock is held
 
-    code = run_command(options.pop("config", None), options["run_dir"], json_out)
-    if code > 128:  # stopped by a signal
-        _exit_now(code)
-    raise typer.Exit(code)
-
-
-def _exit_now(code: int) -> None:
-    """Exit at once after an interruption, its message printed: worker threads still waiting on a server that
-    does not answer (generate-text's HTTP requests) would otherwise hold the process for minutes. Everything on
-    disk was written atomically; the staging folder is where the next run resumes."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    raise typer.Exit(run_command(options.pop("config", None), options["run_dir"], json_out))
 
 
 for _stage in STAGES:
@@ -167,5 +155,20 @@ for _stage in STAGES:
     app.command(_stage.command)(_command(_stage, _run_command if _stage.command == "run" else _stage_command, _json))
 
 
+def console() -> None:
+    """The `ovml` console script. After an interruption (Ctrl-C, a signal: exit codes above 128, the message already
+    printed) the process exits at once: worker threads still waiting on a server that does not answer
+    (generate-text's HTTP requests) would otherwise hold it for minutes at interpreter exit. Everything on disk was
+    written atomically; the staging folder is where the next run resumes."""
+    try:
+        app()
+    except SystemExit as e:
+        if isinstance(e.code, int) and e.code > 128:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(app())
+    console()

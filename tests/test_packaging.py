@@ -46,7 +46,7 @@ def test_the_wheel_carries_the_code_the_prompts_and_the_clip_configs(wheel):
 
 def test_the_console_script_points_into_the_package(wheel):
     entry_points = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
-    assert "ovml = ovml.cli:app" in wheel.read(entry_points).decode()
+    assert "ovml = ovml.cli:console" in wheel.read(entry_points).decode()
 
 
 def test_outside_the_repository_ovml_imports_and_generic_names_do_not(tmp_path):
