@@ -1,6 +1,7 @@
 """`ovml run` exit codes that cron relies on: 2 before any work for a bad config or a stage that cannot run, 1 when
 a stage fails, 75 at once when the run directory is locked, 128 + N after signal N; one JSON line on every exit."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
@@ -17,6 +19,22 @@ OVML = [sys.executable, "-m", "ovml.cli"]
 
 def run(config) -> subprocess.CompletedProcess:
     return subprocess.run([*OVML, "run", "--config", str(config), "--json"], capture_output=True, text=True)
+
+
+
+@contextlib.contextmanager
+def lock_held(run_dir: Path):
+    """Another process holds `run_dir`'s lock while the block runs."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from ovml.pipeline.rundir import lock_run_dir\n"
+                               f"with lock_run_dir(Path({str(run_dir)!r}), 'test'):\n"
+                               "    print('locked', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_bad_config_exits_2_before_any_stage_runs(tmp_path):
@@ -32,16 +50,8 @@ def test_bad_config_exits_2_before_any_stage_runs(tmp_path):
 def test_a_locked_run_directory_exits_75_with_a_json_line(tmp_path):
     config = tmp_path / "ovml.toml"
     config.write_text(f'run_dir = "{tmp_path / "run"}"\n')
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from ovml.pipeline.rundir import lock_run_dir\n"
-                               f"with lock_run_dir(Path({str(tmp_path / 'run')!r}), 'test'):\n"
-                               "    print('locked', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(tmp_path / "run"):
         result = run(config)
-    finally:
-        holder.kill()
-        holder.wait()
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 75 and summary["exit_code"] == 75 and "locked" in summary["error"]
 
@@ -76,17 +86,9 @@ def test_a_later_stage_that_cannot_run_stops_the_run_before_the_first_stage(tmp_
 def test_a_second_run_exits_75_before_it_imports_the_stages(tmp_path):
     config = tmp_path / "ovml.toml"
     config.write_text(f'run_dir = "{tmp_path / "run"}"\n')
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from ovml.pipeline.rundir import lock_run_dir\n"
-                               f"with lock_run_dir(Path({str(tmp_path / 'run')!r}), 'test'):\n"
-                               "    print('locked', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(tmp_path / "run"):
         result = subprocess.run([*OVML, "run", "--config", str(config), "--json"], capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
-    finally:
-        holder.kill()
-        holder.wait()
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import")}
     assert result.returncode == 75 and json.loads(result.stdout.strip().splitlines()[-1])["exit_code"] == 75
     assert "ovml.stages.run" in imported and not imported & {"torch", "open_clip", "ovml.stages.generate_text"}
