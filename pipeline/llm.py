@@ -117,7 +117,6 @@ class LlamaCppBackend:
         except ImportError:
             raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
                             "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
-        check_threads(threads)
         path = Path(model) if model else default_gguf()
         input_file(path, "GGUF model", "pass --model PATH to a .gguf file")
         with open(path, "rb") as f:
@@ -340,10 +339,6 @@ def _free_decoder(lib, ctx, batch, llm) -> None:
     lib.llama_batch_free(batch)
     lib.llama_free(ctx)
 
-
-def check_threads(threads: int) -> None:
-    if threads < 1:
-        raise OvmlError(f"--threads must be at least 1, got {threads}")
 
 
 class OpenAIBackend:
