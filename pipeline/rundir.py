@@ -121,7 +121,7 @@ class RunDir:
         if requested is None:
             return recorded or DEFAULT_CLIP
         check_same_clip(recorded, requested, self.path)
-        return requested
+        return recorded or requested  # one spelling per run directory: its fingerprints stay the same
 
     def _put_record(self, stage: str, record: dict[str, Any]) -> None:
         manifest = self.manifest()
@@ -207,9 +207,21 @@ class RunDir:
         return path
 
 
+def same_clip(a: str, b: str) -> bool:
+    """Two specs of one model: equal, or one architecture with one checkpoint file named by two paths
+    (relative and absolute, or through a symlink)."""
+    if a == b:
+        return True
+    (arch_a, _, file_a), (arch_b, _, file_b) = a.partition(":"), b.partition(":")
+    try:
+        return arch_a == arch_b and os.path.samefile(file_a, file_b)
+    except (OSError, ValueError):  # a tag, not a file (ViT-B-16:openai), or a file gone
+        return False
+
+
 def check_same_clip(made_with: str | None, clip: str, what: Path) -> None:
     """The one check that an artifact (a run directory, an adapter, an image cache) belongs to `clip`."""
-    if made_with is not None and made_with != clip:
+    if made_with is not None and not same_clip(made_with, clip):
         raise OvmlError(f"{what} was made with CLIP '{made_with}', not '{clip}'; leave out --clip to use "
                         f"'{made_with}', or use another --run-dir for '{clip}'")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import helpers
 import pytest
@@ -37,6 +38,21 @@ def test_another_clip_is_a_one_line_error_naming_both(embedded_run, tiny_clip):
     with pytest.raises(OvmlError, match=f"made with CLIP '{tiny_clip}', not 'ovml-tiny:random'") as e:
         RunDir(embedded_run).clip("ovml-tiny:random")
     assert "\n" not in str(e.value)
+
+
+def test_the_same_checkpoint_by_another_path_is_the_same_clip(embedded_run, tiny_clip, tmp_path, monkeypatch):
+    arch, _, checkpoint = tiny_clip.partition(":")
+    (tmp_path / "link.safetensors").symlink_to(checkpoint)
+    monkeypatch.chdir(tmp_path)
+    assert RunDir(embedded_run).clip(f"{arch}:link.safetensors") == tiny_clip  # the recorded spelling is kept
+
+
+def test_another_checkpoint_file_of_the_same_architecture_is_another_clip(embedded_run, tiny_clip, tmp_path):
+    arch, _, checkpoint = tiny_clip.partition(":")
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(Path(checkpoint).read_bytes())
+    with pytest.raises(OvmlError, match="made with CLIP"):
+        RunDir(embedded_run).clip(f"{arch}:{copy}")
 
 
 def test_a_run_directory_from_before_the_rule_is_known_by_its_stages_clip(tmp_path):
