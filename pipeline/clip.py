@@ -396,18 +396,24 @@ def _offline():
         constants.HF_HUB_OFFLINE = was_offline
 
 
+def has_random_weights(spec: str) -> bool:
+    """Whether a spec's weights are random (`random`, or a checkpoint saved as such), without loading them."""
+    parsed = ClipSpec.parse(spec)
+    if parsed.pretrained == RANDOM:
+        return True
+    return parsed.is_path and checkpoint_metadata(parsed.pretrained).get("random_weights") is True
+
+
 @functools.lru_cache(maxsize=2)
 def load_clip(spec: str, device: str = "auto") -> ClipEncoder:
     parsed = check_clip(spec, device)
     device = pick_device(device)
-    random_weights, description, pretrained = parsed.pretrained == RANDOM, None, parsed.pretrained
-    if random_weights:
+    random_weights, description, pretrained = has_random_weights(spec), None, parsed.pretrained
+    if parsed.pretrained == RANDOM:
         torch.manual_seed(RANDOM_SEED)
         pretrained = None
     elif parsed.is_path:
-        metadata = checkpoint_metadata(pretrained)
-        random_weights = metadata.get("random_weights") is True
-        description = metadata.get("description")
+        description = checkpoint_metadata(pretrained).get("description")
     try:
         model, _, preprocess = _create(parsed.arch, pretrained, device)
     except OvmlError:

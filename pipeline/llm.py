@@ -79,6 +79,16 @@ def default_gguf() -> Path:
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
+def check_gguf(model: str | None) -> Path:
+    """The llama.cpp model file, found and of the GGUF kind, without loading it (`ovml run` checks it first)."""
+    path = Path(model) if model else default_gguf()
+    input_file(path, "GGUF model", "pass --model PATH to a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise OvmlError(f"{path} is not a GGUF file; pass --model PATH to a .gguf model for llama.cpp")
+    return path
+
+
 class LlamaCppBackend:
     """In-process llama.cpp on CPU, many prompts decoded together; the JSON shape is forced by the prompt.
 
@@ -117,11 +127,7 @@ class LlamaCppBackend:
         except ImportError:
             raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
                             "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
-        path = Path(model) if model else default_gguf()
-        input_file(path, "GGUF model", "pass --model PATH to a .gguf file")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise OvmlError(f"{path} is not a GGUF file; pass --model PATH to a .gguf model for llama.cpp")
+        path = check_gguf(model)
         self.model = path.name
         self.sampling = sampling
         try:  # loads the weights and the tokenizer; its own small context is not used for decoding
@@ -514,3 +520,77 @@ def open_backend(backend: str, model: str | None, base_url: str | None, sampling
     if backend == "vllm":
         return VllmBackend(model, sampling)
     raise OvmlError(f"unknown LLM backend '{backend}'; use llama-cpp, openai or vllm")
+
+
+@dataclass(frozen=True)
+class LongestPrompt:
+    """The longest prompt a run can send and the labels that make it so: checked against the model's context."""
+
+    request: ChatRequest
+    label: str
+
+
+class LlmWorker:
+    """An engine worker (pipeline/engine.py) holding one LLM backend: chat requests in, raw answers out.
+
+    Items carry `messages` (JSON), `seed` and their `index` in the unit; one output row per item, streamed in
+    item order as the backend answers. Opening the model checks the longest prompt first, so a model or context
+    that cannot serve the run fails before any answer, on every engine.
+    """
+
+    def __init__(self, backend: str, model: str | None, base_url: str | None, sampling: Sampling,
+                 concurrency: int, extra_body: dict | None, threads: int, longest: LongestPrompt | None):
+        self.backend = open_backend(backend, model, base_url, sampling, concurrency, extra_body, threads)
+        if longest is not None and hasattr(self.backend, "tokens_needed"):
+            need = self.backend.tokens_needed(longest.request)
+            if need > self.backend.context:
+                raise OvmlError(
+                    f"a prompt naming the longest labels (such as {longest.label[:40]!r}..., {len(longest.label)} "
+                    f"characters) needs {need} tokens with --max-tokens {sampling.max_tokens}, more than the "
+                    f"model's {self.backend.context}-token context; shorten those labels or lower --max-labels")
+
+    @staticmethod
+    def items_per_call(backend: str, concurrency: int) -> int:
+        """Requests an actor answers together: the server's concurrency, or llama.cpp's decoding slots."""
+        return concurrency if backend == "openai" else LlamaCppBackend.SEQUENCES
+
+    def __call__(self, batch) -> Iterator:
+        import pyarrow as pa
+
+        requests = [ChatRequest(tuple(tuple(turn) for turn in json.loads(messages)), seed)
+                    for messages, seed in zip(batch["messages"].to_pylist(), batch["seed"].to_pylist(), strict=True)]
+        units, indices = batch["unit"].to_pylist(), batch["index"].to_pylist()
+        for unit, index, raw in zip(units, indices, self.backend.complete(requests), strict=True):
+            yield pa.table({"unit": [unit], "index": [index], "raw": pa.array([raw], pa.string()),
+                            "backend": [self.backend.name], "model": [self.backend.model],
+                            "dialect": pa.array([getattr(self.backend, "dialect", None)], pa.string())})
+
+    @staticmethod
+    def ray_dataset(ray, items: list[dict], args: tuple, actors: int):
+        """vLLM on Ray goes through Ray Data's LLM processor (one engine replica per GPU), with the local vllm
+        backend's prompts, seeds and JSON schema; the other backends run in the engine's actors (None).
+
+        Not run on the development machine (no GPU); tests/test_gpu.py runs it where CUDA exists."""
+        backend, model, _, sampling = args[:4]
+        if backend != "vllm":
+            return None
+        if not model:
+            raise OvmlError("--backend vllm needs --model, a Hugging Face model id or a local model folder")
+        try:
+            from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+        except ImportError:
+            raise OvmlError("--backend vllm on Ray needs vLLM and Ray's LLM support: install ovml with the "
+                            "`gpu` extra (make install-gpu)") from None
+        processor = build_processor(
+            vLLMEngineProcessorConfig(model_source=model, concurrency=actors, batch_size=64),
+            preprocess=lambda row: {
+                "messages": [{"role": role, "content": content} for role, content in json.loads(row["messages"])],
+                "sampling_params": {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                    "max_tokens": sampling.max_tokens, "seed": int(row["seed"]),
+                                    "structured_outputs": {"json": CAPTION_SCHEMA}},
+            },
+            postprocess=lambda row: {"unit": row["unit"], "index": row["index"], "raw": row["generated_text"],
+                                     "backend": "vllm", "model": model, "dialect": None},
+        )
+        return processor(ray.data.from_items(items))
+

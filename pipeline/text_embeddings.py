@@ -39,10 +39,12 @@ def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndar
 
 
 def write_text_embeddings(path: Path, caption_ids: list[str], embeddings: np.ndarray, store_dtype: str,
-                          metadata: dict[str, str] | None = None, tokens: list[np.ndarray] | None = None) -> None:
+                          metadata: dict[str, str] | None = None,
+                          tokens: list[np.ndarray] | pa.Array | None = None) -> None:
+    """`tokens`: each caption's word-token features with --local, as arrays or already as token_array's column."""
     columns = {"caption_id": pa.array(caption_ids, pa.string()), "embedding": embedding_array(embeddings, store_dtype)}
     if tokens is not None:
-        columns[TOKENS] = token_array(tokens, embeddings.shape[1])
+        columns[TOKENS] = tokens if isinstance(tokens, pa.Array) else token_array(tokens, embeddings.shape[1])
     table = pa.table(columns)
     atomic.write_parquet(path, table.replace_schema_metadata(metadata))
 

@@ -7,10 +7,10 @@ image could be read fails instead, and the cache it would have replaced stays.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import torch
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import image_cache
-from ovml.pipeline.clip import check_run_clip, load_clip
+from ovml.pipeline.clip import check_run_clip, has_random_weights, load_clip
 from ovml.pipeline.datasets import DATASETS, Dataset, Record, cache_name, read_dataset
+from ovml.pipeline.engine import UNIT, check_engine, open_engine, unit_rows
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.image_cache import (
     FAILURES_SCHEMA,
@@ -32,12 +33,9 @@ from ovml.pipeline.image_cache import (
     write_patches,
 )
 from ovml.pipeline.progress import progress_bar
-from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.settings import EmbedImagesConfig, as_params, check_settings
 from ovml.pipeline.text_embeddings import embedding_matrix
-
-CHUNK_COLUMNS = ["row", "error", "embedding"]  # chunks/chunk-<first row>.parquet; error null <-> embedding set
 
 
 def check(cfg: EmbedImagesConfig) -> Dataset:
@@ -45,8 +43,6 @@ def check(cfg: EmbedImagesConfig) -> Dataset:
     stage's before the first). Returns the dataset read."""
     check_settings(cfg)
     check_engine(cfg.engine)
-    if cfg.local and cfg.engine == "ray":
-        raise OvmlError("--local (patch features) runs on the local engine only for now; drop --engine ray")
     dataset = read_dataset(cfg.dataset, cfg.root, mosaic=cfg.mosaic, split=cfg.split)
     if not dataset.records:
         raise OvmlError(f"{dataset.name} under {dataset.root} lists no images; check --root")
@@ -78,19 +74,21 @@ def embed_images(cfg: EmbedImagesConfig) -> StageOutcome:
 
 
 def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bool) -> dict:
-    # On Ray the driver embeds nothing: its CPU copy only tells the cache's width and whether weights are random.
-    encoder = load_clip(cfg.clip, "cpu" if cfg.engine == "ray" else cfg.device)
     records = dataset.records[:cfg.limit]
     chunks = directory / "chunks"
     done = _done_rows(chunks) if resume else set()
     todo = [row for row in range(len(records)) if row not in done]
-    batches = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
-    chunk_tables = _chunks_on_ray(cfg, dataset, batches) if cfg.engine == "ray" else \
-        _chunks_locally(cfg, records, todo, encoder)
+    items = [{UNIT: todo[start], "rows": todo[start:start + cfg.batch_size]}
+             for start in range(0, len(todo), cfg.batch_size)]
+    worker_args = (cfg.clip, cfg.device, dataset.name, str(dataset.root), cfg.mosaic, cfg.split, cfg.limit,
+                   cfg.workers, cfg.local)
     started = time.perf_counter()
-    with progress_bar("images") as progress:
+    with progress_bar("images") as progress, open_engine(cfg.engine, address=cfg.ray_address, actors=cfg.ray_actors,
+                                                         device=cfg.device) as engine:
         task = progress.add_task(f"embed-images {dataset.name}", total=len(records), completed=len(done))
-        for first_row, table in chunk_tables:
+        expected = {item[UNIT]: len(item["rows"]) for item in items}
+        for first_row, tables in engine.map(ImageChunkWorker, worker_args, items, expected=expected):
+            table = unit_rows(tables)
             atomic.write_parquet(chunks / f"chunk-{first_row:09d}.parquet", table)
             progress.advance(task, table.num_rows)
     seconds = time.perf_counter() - started
@@ -113,11 +111,12 @@ def _embed(cfg: EmbedImagesConfig, dataset: Dataset, directory: Path, resume: bo
     kept = [records[row] for row in ok["row"].to_pylist()]
     if cfg.local:
         kept_rows = ok["row"].to_numpy()
-        write_patches(directory, [functools.partial(_chunk_patches, p, kept_rows, encoder.dim) for p in chunk_files],
+        dim = vectors.shape[1]
+        write_patches(directory, [functools.partial(_chunk_patches, p, kept_rows, dim) for p in chunk_files],
                       len(kept_rows), cfg.local_store)
     write_image_cache(directory, vectors, _items_table(kept), _failures_table(records, failed), {
         "dataset": dataset.name, "root": str(dataset.root), "clip": cfg.clip,
-        "random_weights": encoder.random_weights, "labels": dataset.labels, "splits": dataset.splits,
+        "random_weights": has_random_weights(cfg.clip), "labels": dataset.labels, "splits": dataset.splits,
         "images": len(kept), "failures": len(failed), "image_split": cfg.split or DATASETS[dataset.name].splits[0],
     })
     for chunk in chunks.glob("chunk-*.parquet"):
@@ -140,47 +139,29 @@ def _chunk_patches(chunk_file: Path, kept_rows: np.ndarray, dim: int) -> tuple[n
     return np.searchsorted(kept_rows, table["row"].to_numpy()), values.reshape(table.num_rows, -1, dim)
 
 
-def _chunks_locally(cfg: EmbedImagesConfig, records: list[Record], todo: list[int], encoder):
-    """(first row, chunk table) per batch of `todo`, decoded by DataLoader workers, embedded here."""
-    loader = torch.utils.data.DataLoader(
-        _Pixels(records, todo, encoder.preprocess), batch_size=cfg.batch_size, num_workers=cfg.workers,
-        collate_fn=_collate,
-    )
-    for rows, pixels, errors in loader:
-        yield rows[0], _embed_chunk(encoder, rows, pixels, errors, cfg.local)
-
-
-def _chunks_on_ray(cfg: EmbedImagesConfig, dataset: Dataset, batches: list[list[int]]):
-    """The same (first row, chunk table) pairs, from CLIP actors; each actor reads the dataset itself."""
-    items = [{UNIT: rows[0], "rows": rows} for rows in batches]
-    worker_args = (cfg.clip, cfg.device, dataset.name, str(dataset.root), cfg.mosaic, cfg.split, cfg.limit,
-                   cfg.workers)
-    for first_row, table in ray_map(items, {rows[0]: len(rows) for rows in batches}, ImageChunkWorker, worker_args,
-                                    address=cfg.ray_address, actors=cfg.ray_actors, device=cfg.device):
-        yield first_row, pa.table([table[name].combine_chunks() for name in CHUNK_COLUMNS], names=CHUNK_COLUMNS)
-
-
 class ImageChunkWorker:
-    """A Ray actor: CLIP loaded once, then batches of row numbers -> the chunk tables the local engine writes.
+    """An engine worker: CLIP loaded once and the dataset read, then chunks of row numbers -> chunk tables.
 
-    It decodes its images with `workers` threads (decoding and resizing release the GIL), the actor's
-    counterpart of the local engine's DataLoader workers: one core decodes far fewer images than a GPU embeds.
-    """
+    Images are decoded by `workers` DataLoader processes ahead of the model, across all the chunks of a call (the
+    local engine makes one call for the whole run; a Ray actor one per chunk): decoding is slower than embedding on
+    a GPU, and one core decodes far fewer images than it embeds."""
 
-    def __init__(self, clip: str, device: str, dataset: str, root: str, mosaic: int, split: str, limit: int | None,
-                 workers: int):
+    def __init__(self, clip: str, device: str, dataset: str, root: str, mosaic: int, split: str | None,
+                 limit: int | None, workers: int, local: bool):
         self.encoder = load_clip(clip, device)
         self.records = read_dataset(dataset, root, mosaic=mosaic, split=split).records[:limit]
-        self.decoders = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+        self.workers, self.local = workers, local
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tables = []
-        for unit, rows in zip(batch[UNIT].to_pylist(), batch["rows"].to_pylist(), strict=True):
-            pixels = _Pixels(self.records, rows, self.encoder.preprocess)
-            table = _embed_chunk(self.encoder, *_collate(list(self.decoders.map(pixels.__getitem__,
-                                                                                range(len(rows))))))
-            tables.append(table.append_column(UNIT, pa.array([unit] * len(rows), pa.int64())))
-        return pa.concat_tables(tables)
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        units, chunks = batch[UNIT].to_pylist(), batch["rows"].to_pylist()
+        starts = np.cumsum([0] + [len(rows) for rows in chunks])
+        loader = torch.utils.data.DataLoader(
+            _Pixels(self.records, [row for rows in chunks for row in rows], self.encoder.preprocess),
+            batch_sampler=[range(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)],
+            num_workers=self.workers, collate_fn=_collate)
+        for unit, (rows, pixels, errors) in zip(units, loader, strict=True):
+            table = _embed_chunk(self.encoder, rows, pixels, errors, self.local)
+            yield table.append_column(UNIT, pa.array([unit] * len(rows), pa.int64()))
 
 
 def _embed_chunk(encoder, rows: list[int], pixels: torch.Tensor | None, errors: dict[int, str],

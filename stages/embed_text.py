@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovml.pipeline import atomic
 from ovml.pipeline.artifacts import CAPTIONS, TEXT_EMB, TRAIN_LABELS, VOCABULARY, caption_parts
 from ovml.pipeline.clip import autocast_dtype, check_run_clip, load_clip, pick_device
+from ovml.pipeline.engine import UNIT, check_engine, open_engine, unit_rows
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.label_embeddings import label_embeddings, load_templates, templates_digest
 from ovml.pipeline.progress import progress_bar
-from ovml.pipeline.ray_engine import UNIT, check_engine, ray_map
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.settings import EmbedTextConfig, as_params, check_settings
-from ovml.pipeline.text_embeddings import embedding_array, embedding_matrix, text_embedding_parts, write_text_embeddings
+from ovml.pipeline.text_embeddings import (
+    TOKENS,
+    embedding_array,
+    embedding_matrix,
+    text_embedding_parts,
+    token_array,
+    write_text_embeddings,
+)
 from ovml.pipeline.vocabulary import read_vocabulary_json
 
 TRUNCATED_KEY = "ovml_truncated"  # per-part count in the schema metadata, so a resumed run still totals it
@@ -29,8 +38,6 @@ def check(cfg: EmbedTextConfig) -> None:
     """The settings and the CLIP spec, before anything runs (`ovml run` checks every stage's before the first)."""
     check_settings(cfg)
     check_engine(cfg.engine)
-    if cfg.local and cfg.engine == "ray":
-        raise OvmlError("--local (caption token features) runs on the local engine only for now; drop --engine ray")
     autocast_dtype(cfg.precision, pick_device(cfg.device))
     check_run_clip(cfg.run_dir, cfg.clip, cfg.device)
 
@@ -82,25 +89,29 @@ def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earli
 
     Label prompts are embedded here on either engine: a few hundred per label, next to millions of captions.
     """
-    encoder = load_clip(cfg.clip, cfg.device)
     resumed = sum((out / TEXT_EMB / p.name).exists() for p in parts)
     for name, made in earlier.items():
         atomic.link_or_copy(made, out / TEXT_EMB / name)
     todo = [p for p in parts if not (out / TEXT_EMB / p.name).exists()]
-    with progress_bar("texts") as bar:
-        captions = {part: _read_captions(part) for part in todo}
+    with progress_bar("texts") as bar, open_engine(cfg.engine, address=cfg.ray_address, actors=cfg.ray_actors,
+                                                    device=cfg.device) as engine:
+        captions = {part.name: _read_captions(part) for part in todo}
         task = bar.add_task("captions", total=sum(len(texts) for _, texts in captions.values()))
-        progress = functools.partial(bar.advance, task)
         embedded, started = 0, time.perf_counter()
-        embeddings = _on_ray(cfg, captions, progress) if cfg.engine == "ray" else \
-            _locally(cfg, encoder, captions, progress)
-        for part, caption_ids, vectors, truncated, tokens in embeddings:
-            write_text_embeddings(out / TEXT_EMB / part.name, caption_ids, vectors, cfg.store_dtype,
-                                  metadata={TRUNCATED_KEY: str(int(truncated.sum())), "clip": cfg.clip},
-                                  tokens=tokens)
-            embedded += len(caption_ids)
+        items = [{UNIT: name, "texts": texts} for name, (_, texts) in captions.items()]
+        expected = {name: len(texts) for name, (_, texts) in captions.items()}
+        worker_args = (cfg.clip, cfg.device, cfg.batch_size, cfg.precision, cfg.local)
+        for name, tables in engine.map(TextPartWorker, worker_args, items, expected=expected):
+            table = unit_rows(tables)
+            truncated = int(pc.sum(table["truncated"]).as_py() or 0)
+            write_text_embeddings(out / TEXT_EMB / name, captions[name][0], embedding_matrix(table["embedding"]),
+                                  cfg.store_dtype, metadata={TRUNCATED_KEY: str(truncated), "clip": cfg.clip},
+                                  tokens=table[TOKENS] if cfg.local else None)
+            embedded += table.num_rows
+            bar.advance(task, table.num_rows)
         seconds = time.perf_counter() - started
         labels_task = bar.add_task("label prompts", total=len(labels) * len(load_templates(cfg.templates)))
+        encoder = load_clip(cfg.clip, cfg.device)
         label_embeddings(encoder, labels, cfg.templates, cache_dir=(out / TRAIN_LABELS).parent,
                          name=Path(TRAIN_LABELS).stem, progress=lambda n: bar.advance(labels_task, n))
     written = [pq.ParquetFile(p) for p in text_embedding_parts(out / TEXT_EMB)]
@@ -116,46 +127,24 @@ def _embed_all(cfg: EmbedTextConfig, parts: list[Path], labels: list[str], earli
     }
 
 
-def _locally(cfg: EmbedTextConfig, encoder, captions: dict[Path, tuple[list[str], list[str]]], progress):
-    """(part, caption ids, float32 embeddings, truncated flags, token features or None) for each part, embedded in
-    this process. With --local the tokens run through the tower twice (pooled, then every position), so the
-    pooled embeddings stay exactly those of a run without --local."""
-    for part, (caption_ids, texts) in captions.items():
-        tokens, truncated = encoder.tokenize(texts)
-        embeddings = encoder.encode_tokens(tokens, cfg.batch_size, precision=cfg.precision, progress=progress)
-        words = encoder.encode_token_features(tokens, cfg.batch_size) if cfg.local else None
-        yield part, caption_ids, embeddings, truncated, words
-
-
-def _on_ray(cfg: EmbedTextConfig, captions: dict[Path, tuple[list[str], list[str]]], progress):
-    """The same tuples from CLIP actors; the driver sends the captions, so workers need no shared disk."""
-    by_name = {part.name: part for part in captions}
-    items = [{UNIT: part.name, "texts": texts} for part, (_, texts) in captions.items()]
-    expected = {part.name: len(texts) for part, (_, texts) in captions.items()}
-    worker_args = (cfg.clip, cfg.device, cfg.batch_size, cfg.precision)
-    for name, table in ray_map(items, expected, TextPartWorker, worker_args, address=cfg.ray_address,
-                               actors=cfg.ray_actors, device=cfg.device):
-        progress(table.num_rows)
-        part = by_name[name]
-        yield part, captions[part][0], embedding_matrix(table["embedding"]), \
-            table["truncated"].to_numpy(zero_copy_only=False), None
-
-
 class TextPartWorker:
-    """A Ray actor: CLIP loaded once, then whole captions parts -> their embeddings and truncation flags."""
+    """An engine worker: CLIP loaded once, then whole captions parts -> their embeddings, truncation flags and
+    (with --local) word-token features. A part is embedded in one call: rows are sorted by length across it."""
 
-    def __init__(self, clip: str, device: str, batch_size: int, precision: str):
+    def __init__(self, clip: str, device: str, batch_size: int, precision: str, local: bool):
         self.encoder = load_clip(clip, device)
-        self.batch_size, self.precision = batch_size, precision
+        self.batch_size, self.precision, self.local = batch_size, precision, local
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tables = []
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for unit, texts in zip(batch[UNIT].to_pylist(), batch["texts"].to_pylist(), strict=True):
             tokens, truncated = self.encoder.tokenize(texts)
             embeddings = self.encoder.encode_tokens(tokens, self.batch_size, precision=self.precision)
-            tables.append(pa.table({UNIT: [unit] * len(texts), "embedding": embedding_array(embeddings),
-                                    "truncated": pa.array(truncated)}))
-        return pa.concat_tables(tables)
+            columns = {UNIT: [unit] * len(texts), "embedding": embedding_array(embeddings),
+                       "truncated": pa.array(truncated)}
+            if self.local:  # run through the tower a second time: the pooled embeddings stay those without --local
+                words = self.encoder.encode_token_features(tokens, self.batch_size)
+                columns[TOKENS] = token_array(words, self.encoder.dim)
+            yield pa.table(columns)
 
 
 def _read_captions(part: Path) -> tuple[list[str], list[str]]:

@@ -19,13 +19,13 @@ parts) are in pipeline/caption_pool.py; what is asked of the LLM in pipeline/cap
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +57,11 @@ from ovml.pipeline.caption_prompts import (
     cooccurrence_counts,
     plan_round,
 )
+from ovml.pipeline.engine import UNIT, check_engine, open_engine
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmBackend, Sampling, open_backend, parse_caption
+from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmWorker, LongestPrompt, Sampling, check_gguf, parse_caption
 from ovml.pipeline.paths import input_file
 from ovml.pipeline.progress import progress_bar
-from ovml.pipeline.ray_engine import check_engine, ray_chat, ray_session
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
 from ovml.pipeline.settings import GenerateTextConfig, as_params, check_settings
 from ovml.pipeline.vocabulary import MentionMatcher, Vocabulary, load_vocabulary
@@ -91,8 +91,8 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
 
     def body(out: Path, resume: bool) -> dict:
         recorded = (run_dir.stage_record("generate_text") or {}).get("outputs", {})
-        with ray_session(cfg.ray_address) if cfg.engine == "ray" else contextlib.nullcontext():  # one for all rounds
-            return _generate(cfg, vocabulary, recipe, run_dir / CAPTIONS, out / CAPTIONS, recorded)
+        with open_engine(cfg.engine, address=cfg.ray_address, actors=cfg.ray_actors) as engine:  # for all rounds
+            return _generate(cfg, engine, vocabulary, recipe, run_dir / CAPTIONS, out / CAPTIONS, recorded)
 
     # A killed attempt resumes whatever --per-label says now: its parts are of the same recipe and shard.
     attempt = f"{recipe}-{cfg.shard_index}-of-{cfg.num_shards}"
@@ -119,6 +119,8 @@ def check(cfg: GenerateTextConfig) -> Vocabulary:
         raise OvmlError(f"--shard-index must be in 0..{cfg.num_shards - 1} for --num-shards {cfg.num_shards}, "
                         f"got {cfg.shard_index}")
     check_engine(cfg.engine)
+    if cfg.backend == "llama-cpp":
+        check_gguf(cfg.model)
     if cfg.sampling == "cooccurrence":
         tag_file = "a tag file, one image per line, labels separated by commas"
         if not cfg.cooccurrence:
@@ -169,19 +171,18 @@ def _verify(raw: str, prompt: PlannedPrompt, matcher: MentionMatcher, seen_texts
 
 
 def _generate_part(plan: list[PlannedPrompt], part: int, recipe: str, cfg: GenerateTextConfig,
-                   backend: LlmBackend, prompts: CaptionPrompts, matcher: MentionMatcher, seen_texts: set[str],
-                   on_answer) -> pa.Table:
-    requests = [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in plan]
+                   answers: Iterator[dict], matcher: MentionMatcher, seen_texts: set[str], on_answer) -> pa.Table:
+    """One part from its prompts' answers (rows of LlmWorker, in plan order), verified as they arrive."""
     rows, dropped, seen = [], Counter(), set(seen_texts)
-    for i, (prompt, raw) in enumerate(zip(plan, backend.complete(requests), strict=True)):
-        reason, text, mentioned = _verify(raw, prompt, matcher, seen)
+    for i, (prompt, answer) in enumerate(zip(plan, answers, strict=True)):
+        reason, text, mentioned = _verify(answer["raw"], prompt, matcher, seen)
         if reason:
             dropped[reason] += 1
         else:
             seen.add(dedup_key(text))
             rows.append({"caption_id": f"{cfg.shard_index}-{part}-{i}", "text": text, "labels": mentioned,
                          "requested": list(prompt.labels), "prompt_id": prompt.prompt_id,
-                         "backend": backend.name, "model": backend.model, "seed": prompt.seed})
+                         "backend": answer["backend"], "model": answer["model"], "seed": prompt.seed})
         on_answer(kept=reason is None)
     table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
     metadata = {RECIPE_KEY: recipe, ROWS_KEY: rows_digest(table), "ovml.requested": str(len(plan)),
@@ -190,33 +191,14 @@ def _generate_part(plan: list[PlannedPrompt], part: int, recipe: str, cfg: Gener
     return table.replace_schema_metadata(metadata)
 
 
-def _check_longest_prompt(backend: LlmBackend, prompts: CaptionPrompts, labels: list[str],
-                          cfg: GenerateTextConfig) -> None:
-    """A model with a known context (llama.cpp) must fit the longest prompt this run can send: checked first."""
-    if not hasattr(backend, "tokens_needed"):
-        return
+def _longest_prompt(prompts: CaptionPrompts, labels: list[str], cfg: GenerateTextConfig) -> LongestPrompt:
+    """The longest prompt this run can send: the worker checks it against its model's context before any work."""
     longest = tuple(sorted(labels, key=len, reverse=True)[:cfg.max_labels])
     variant = max(prompts.variants, key=lambda v: len(prompts.variants[v]))
-    need = backend.tokens_needed(ChatRequest(prompts.messages(variant, longest), 0))
-    if need > backend.context:
-        raise OvmlError(f"a prompt naming the longest labels (such as {longest[0][:40]!r}..., {len(longest[0])} "
-                        f"characters) needs {need} tokens with --max-tokens {cfg.max_tokens}, more than the model's "
-                        f"{backend.context}-token context; shorten those labels or lower --max-labels")
+    return LongestPrompt(ChatRequest(prompts.messages(variant, longest), 0), longest[0])
 
 
-def _open_checked(cfg: GenerateTextConfig, prompts: CaptionPrompts, labels: list[str]) -> LlmBackend | None:
-    """The model opened (file loaded, server reached) and the longest prompt checked before any work, so a
-    typo fails at once. On Ray the actors open their own copies and the driver's serves only these checks
-    (so it is dropped: None); a vLLM engine is not opened here at all, it would take a GPU from the replicas."""
-    if cfg.engine == "ray" and cfg.backend == "vllm":
-        return None
-    backend = open_backend(cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body,
-                           cfg.threads)
-    _check_longest_prompt(backend, prompts, labels, cfg)
-    return None if cfg.engine == "ray" else backend
-
-
-def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, committed: Path, out_dir: Path,
+def _generate(cfg: GenerateTextConfig, engine, vocabulary: Vocabulary, recipe: str, committed: Path, out_dir: Path,
               recorded: dict[str, str]) -> dict:
     """Top the pool up to --per-label; parts of this recipe already in the pool count and are kept."""
     if not cfg.force:
@@ -232,8 +214,9 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, comm
         tally.add_part(read_part(part, committed / part.name))
     # New parts go after every kept one; index mod num_shards stays the shard's, so shards never collide.
     base = math.ceil((max(map(part_index, kept), default=-1) + 1) / cfg.num_shards)
-    backend = _open_checked(cfg, prompts, vocabulary.labels) if tally.shortfall(target) else None
-    ray_answers: _Answers | None = None  # the last part's answers from Ray: its model and dialect
+    worker_args = (cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body,
+                   cfg.threads, _longest_prompt(prompts, vocabulary.labels, cfg))
+    dialects: set[str] = set()  # the structured-output dialects the OpenAI-compatible server took
     part = added = 0
     round_index = 0
     with progress_bar(TextColumn("prompts, {task.fields[kept]} kept, {task.fields[rate]}")) as progress:
@@ -258,22 +241,26 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, comm
             paths = [out_dir / part_name((base + part + k) * cfg.num_shards + cfg.shard_index)
                      for k in range(len(chunks))]
             missing = {k: chunk for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)) if not path.exists()}
-            on_ray = _RayRound(cfg, prompts, missing) if cfg.engine == "ray" else None
+            items = [{UNIT: k, "index": i, "messages": json.dumps(prompts.messages(p.prompt_id, p.labels)),
+                      "seed": p.seed} for k, chunk in missing.items() for i, p in enumerate(chunk)]
+            answered = engine.map(LlmWorker, worker_args, items,
+                                  batch_size=LlmWorker.items_per_call(cfg.backend, cfg.concurrency))
             for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):
                 if path.exists():
                     table = read_part(path)
                     kept_on_disk += table.num_rows
                     progress.update(task, advance=len(chunk), kept=kept_on_disk + kept_here)
                 else:
-                    ray_answers = on_ray.answers(k) if on_ray else None
-                    table = _generate_part(chunk, base + part + k, recipe, cfg, ray_answers or backend, prompts,
-                                           matcher, tally.seen_texts, on_answer)
+                    unit, tables = next(answered)
+                    assert unit == k, (unit, k)
+                    answers = _answers(tables, dialects)
+                    table = _generate_part(chunk, base + part + k, recipe, cfg, answers, matcher, tally.seen_texts,
+                                           on_answer)
                     atomic.write_parquet(path, table)
                 tally.add_part(table)
                 added += table.num_rows
             part += len(chunks)
-            if on_ray:
-                on_ray.close()
+            answered.close()
     for extra in caption_parts(out_dir.parent)[len(kept) + part:]:  # staged by an attempt that asked for more
         table = read_part(extra)
         tally.add_part(table)
@@ -285,9 +272,8 @@ def _generate(cfg: GenerateTextConfig, vocabulary: Vocabulary, recipe: str, comm
     if not added and kept:
         summary["pool"]["note"] = (f"the pool already has --per-label {cfg.per_label}; nothing generated, "
                                    f"all {tally.kept} captions kept (only --force deletes captions)")
-    answered_by = ray_answers or backend
-    if getattr(answered_by, "dialect", None):  # the structured-output dialect the OpenAI-compatible server took
-        summary["structured_output"] = answered_by.dialect
+    if dialects:  # the structured-output dialect the OpenAI-compatible server took
+        summary["structured_output"] = ", ".join(sorted(dialects))
     return summary
 
 
@@ -295,44 +281,13 @@ def _sampling(cfg: GenerateTextConfig) -> Sampling:
     return Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens)
 
 
-class _RayRound:
-    """A round's missing parts generated on Ray all at once, handed to the part loop in plan order.
-
-    Actors only generate; verification and dedup stay in the part loop, part after part, so the kept
-    captions are those of the local engine. Answers that arrive early wait here for their turn.
-    """
-
-    def __init__(self, cfg: GenerateTextConfig, prompts: CaptionPrompts, chunks: dict[int, list[PlannedPrompt]]):
-        requests = {k: [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in chunk]
-                    for k, chunk in chunks.items()}
-        self._stream = ray_chat(requests, cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency,
-                                cfg.extra_body, cfg.threads, address=cfg.ray_address, actors=cfg.ray_actors
-                                ) if requests else None
-        self._arrived: dict[int, _Answers] = {}
-        self.backend = cfg.backend
-
-    def answers(self, k: int) -> _Answers:
-        while k not in self._arrived:
-            unit, raw, model, dialect = next(self._stream)
-            self._arrived[unit] = _Answers(self.backend, model, raw, dialect)
-        return self._arrived.pop(k)
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-
-
-@dataclass
-class _Answers:
-    """One part's answers from Ray, in the shape of an LlmBackend for `_generate_part`."""
-
-    name: str
-    model: str
-    raw: list[str]
-    dialect: str | None
-
-    def complete(self, requests: list[ChatRequest]):
-        return iter(self.raw)
+def _answers(tables: Iterator[pa.Table], dialects: set[str]) -> Iterator[dict]:
+    """A part's answer rows as the engine streams them, noting the structured-output dialect each was given in."""
+    for table in tables:
+        for answer in table.to_pylist():
+            if answer["dialect"]:
+                dialects.add(answer["dialect"])
+            yield answer
 
 
 def _stalled(tally: ShardTally, target: int, cfg: GenerateTextConfig) -> OvmlError:

@@ -288,7 +288,7 @@ def build_finished_run(root: Path, clip: str) -> tuple[Path, Path]:
     CLIP, a two-epoch adapter, the folder fixture embedded and evaluated."""
     import pytest
 
-    import ovml.stages.generate_text as generate_stage
+    import ovml.pipeline.llm as llm
     from ovml.stages.embed_images import EmbedImagesConfig, embed_images
     from ovml.stages.embed_text import EmbedTextConfig, embed_text
     from ovml.stages.evaluate import EvalConfig, evaluate
@@ -299,7 +299,7 @@ def build_finished_run(root: Path, clip: str) -> tuple[Path, Path]:
     labels.write_text("\n".join(FINISHED_RUN_LABELS) + "\n", encoding="utf-8")
     run_dir = root / "run"
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(generate_stage, "open_backend", lambda *args, **kwargs: EchoBackend())
+        m.setattr(llm, "open_backend", lambda *args, **kwargs: EchoBackend())
         generate_text(GenerateTextConfig(run_dir=run_dir, labels=str(labels), per_label=2, part_size=4))
     embed_text(EmbedTextConfig(run_dir=run_dir, clip=clip, device="cpu"))
     train_adapter(TrainAdapterConfig(run_dir=run_dir, clip=clip, device="cpu", hidden=16, epochs=2))

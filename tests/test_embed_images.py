@@ -186,13 +186,6 @@ def test_without_local_no_patch_features_are_cached(tmp_path, tiny_clip):
     assert read_patches(tmp_path / "run" / "images" / "folder") is None
 
 
-def test_patch_features_on_the_ray_engine_are_refused_before_anything_runs(tmp_path, tiny_clip):
-    cfg = config(tmp_path, tiny_clip, "folder", helpers.folder_release(tmp_path / "data"), local=True, engine="ray")
-    with pytest.raises(OvmlError, match="--local .* local engine only"):
-        embed_images(cfg)
-    assert not (tmp_path / "run").exists()
-
-
 def test_pq_store_keeps_product_quantizer_codes_that_decode_close_to_the_float16_patches(tmp_path, tiny_clip):
     csv_file = helpers.noise_folder(tmp_path / "data")
     embed_images(config(tmp_path / "half", tiny_clip, "folder", csv_file, local=True))

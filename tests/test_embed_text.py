@@ -248,10 +248,3 @@ def test_token_features_read_back_in_part_order_and_pad_per_batch(tiny_clip, tmp
     assert real.sum(axis=1).tolist() == [lengths[2], lengths[0]]
     np.testing.assert_array_equal(padded[1, :lengths[0]], features.values[:lengths[0]])
     assert not padded[~real].any()
-
-
-def test_local_on_the_ray_engine_is_refused_before_anything_runs(tiny_clip, tmp_path):
-    write_captions(tmp_path)
-    with pytest.raises(OvmlError, match="--local .* local engine"):
-        embed_text(config(tmp_path, tiny_clip, local=True, engine="ray"))
-    assert not (tmp_path / "text_emb").exists()

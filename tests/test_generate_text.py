@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+import ovml.pipeline.llm as llm
 import ovml.stages.generate_text as stage
 from ovml import cli
 from ovml.pipeline.clip import load_clip
@@ -63,7 +64,7 @@ def labels_file(tmp_path) -> Path:
 @pytest.fixture
 def use_backend(monkeypatch) -> Callable[[ScriptedBackend], ScriptedBackend]:
     def install(backend: ScriptedBackend) -> ScriptedBackend:
-        monkeypatch.setattr(stage, "open_backend", lambda *args, **kwargs: backend)
+        monkeypatch.setattr(llm, "open_backend", lambda *args, **kwargs: backend)  # what the engine's worker opens
         return backend
 
     return install

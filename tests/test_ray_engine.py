@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import helpers
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import ovml.stages.generate_text as generate_text_stage
+from ovml.pipeline.engine import RayEngine
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.ray_engine import ray_map
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 from ovml.stages.embed_text import EmbedTextConfig, embed_text
 from ovml.stages.generate_text import GenerateTextConfig, generate_text
@@ -54,6 +55,15 @@ def test_embed_images_on_ray_writes_the_local_cache_byte_for_byte(tmp_path, tiny
     assert outcome.summary["failures"] == 2
     local, on_ray = tree_bytes(tmp_path / "local" / "images"), tree_bytes(tmp_path / "ray" / "images")
     assert {"folder/index.faiss", "folder/items.parquet", "folder/failures.parquet"} <= set(on_ray)
+    assert on_ray == local
+
+
+def test_patch_features_on_ray_are_the_local_engines_byte_for_byte(tmp_path, tiny_clip, local_ray):
+    csv_file = helpers.folder_release(tmp_path / "data")
+    embed_images(images_config(tmp_path / "local", tiny_clip, csv_file, local=True))
+    embed_images(images_config(tmp_path / "ray", tiny_clip, csv_file, local=True, engine="ray"))
+    local, on_ray = tree_bytes(tmp_path / "local" / "images"), tree_bytes(tmp_path / "ray" / "images")
+    assert any("patches" in name for name in on_ray)
     assert on_ray == local
 
 
@@ -114,6 +124,15 @@ def test_embed_text_on_ray_writes_the_local_parts_and_labels_byte_for_byte(tmp_p
         assert tree_bytes(tmp_path / "ray" / folder) == tree_bytes(tmp_path / "local" / folder)
 
 
+def test_caption_token_features_on_ray_are_the_local_engines_byte_for_byte(tmp_path, tiny_clip, local_ray):
+    for run in ("local", "ray"):
+        write_captions(tmp_path / run, CAPTIONS)
+    embed_text(text_config(tmp_path / "local", tiny_clip, local=True))
+    embed_text(text_config(tmp_path / "ray", tiny_clip, local=True, engine="ray"))
+    assert "tokens" in pq.read_schema(tmp_path / "ray" / "text_emb" / "part-00000.parquet").names
+    assert tree_bytes(tmp_path / "ray" / "text_emb") == tree_bytes(tmp_path / "local" / "text_emb")
+
+
 def test_embed_text_on_ray_resumes_a_killed_local_run_writing_only_the_missing_parts(tmp_path, tiny_clip,
                                                                                    local_ray, monkeypatch):
     write_captions(tmp_path / "straight", CAPTIONS)
@@ -151,14 +170,15 @@ class DiesOnce:
         if not self.marker.exists():
             self.marker.touch()
             os._exit(1)
-        return batch
+        yield batch
 
 
 def test_a_lost_actor_is_restarted_and_its_work_redone(tmp_path, local_ray):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor imports nothing from tests/
     items = [{"unit": i, "x": i} for i in range(4)]
-    done = dict(ray_map(items, dict.fromkeys(range(4), 1), DiesOnce, (str(tmp_path / "died"),), address="auto",
-                        actors=1))
+    with RayEngine("auto", actors=1, device="cpu") as engine:
+        done = {unit: pa.concat_tables(tables) for unit, tables in engine.map(DiesOnce, (str(tmp_path / "died"),),
+                                                                              items)}
     assert (tmp_path / "died").exists()
     assert {unit: table["x"].to_pylist() for unit, table in done.items()} == {i: [i] for i in range(4)}
 
@@ -173,13 +193,14 @@ class MissingModel:
 def test_an_error_inside_an_actor_reaches_the_user_as_one_line(tmp_path, local_ray):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     with pytest.raises(OvmlError) as error:
-        list(ray_map([{"unit": 0}], {0: 1}, MissingModel, ("/nodes/disk/absent.gguf",), address="auto", actors=1))
+        with RayEngine("auto", actors=1, device="cpu") as engine:
+            list(engine.map(MissingModel, ("/nodes/disk/absent.gguf",), [{"unit": 0}]))
     assert str(error.value) == "GGUF model /nodes/disk/absent.gguf does not exist; pass --model PATH to a .gguf file"
 
 
 def test_generate_text_on_ray_checks_the_model_in_the_driver_before_any_actor_starts(tmp_path, local_ray,
                                                                                      monkeypatch):
-    monkeypatch.setattr(generate_text_stage, "ray_chat", None)  # calling it would fail loudly
+    monkeypatch.setattr(RayEngine, "map", None)  # calling it would fail loudly
     labels = tmp_path / "labels.txt"
     labels.write_text("dog\ncat\n")
     cfg = GenerateTextConfig(run_dir=tmp_path / "run", labels=str(labels), model=str(tmp_path / "absent.gguf"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ovml.pipeline.ray_engine import ray_session
+from ovml.pipeline.engine import ray_session
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'ovml[ray]')")
 
