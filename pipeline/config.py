@@ -3,7 +3,7 @@
     run_dir = "runs/demo"          # top-level keys are shared by every stage that has the field
     clip = "ViT-B-16:openai"
     [train_adapter]
-    noise = 0.04
+    noise = 0.16
 """
 
 from __future__ import annotations

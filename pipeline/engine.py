@@ -37,13 +37,17 @@ def open_engine(name: str, *, address: str = "auto", actors: int = 1, device: st
 
 class LocalEngine:
     """The worker runs in this process, over all items in one call, so it can pipeline across units (decode
-    workers ahead of the model, an LLM's batch slots refilled across parts); its output streams back lazily."""
+    workers ahead of the model, an LLM's batch slots refilled across parts); its output streams back lazily.
+    One worker serves every call with the same arguments (generate-text's rounds open their model once)."""
+
+    def __init__(self):
+        self._worker: tuple[type, tuple, Any] | None = None
 
     def __enter__(self) -> LocalEngine:
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self._worker = None
 
     def map(self, worker: type, args: tuple, items: list[dict], *, expected: dict | None = None,
             batch_size: int = 1) -> Units:
@@ -52,7 +56,10 @@ class LocalEngine:
         if not items:
             return
         expected = expected or Counter(item[UNIT] for item in items)
-        outputs = iter(worker(*args)(pa.Table.from_pylist(items)))
+        if self._worker is None or self._worker[:2] != (worker, args):
+            self._worker = None  # the old model goes before the new one loads
+            self._worker = (worker, args, worker(*args))
+        outputs = iter(self._worker[2](pa.Table.from_pylist(items)))
         for unit in dict.fromkeys(item[UNIT] for item in items):
             tables = _take_rows(outputs, expected[unit])
             yield unit, tables

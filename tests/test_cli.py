@@ -30,7 +30,7 @@ def test_train_adapter_help_explains_sigma():
 
 def test_help_shows_defaults_and_bracketed_text():
     text = " ".join(ovml("train-adapter", "--help").stdout.split())
-    assert "[default: 0.04]" in text and "[section]" in text
+    assert "[default: 0.16]" in text and "[section]" in text
 
 
 def test_unknown_config_key_is_one_line_and_exit_2(tmp_path):
