@@ -13,7 +13,6 @@ Times cover decoding only (model load is printed apart); every configuration ans
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import socket
 import subprocess
@@ -29,13 +28,12 @@ from ovml.pipeline.caption_prompts import CaptionPrompts, PlannedPrompt
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, OpenAIBackend, Sampling, default_gguf
 from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
-from ovml.stages.generate_text import MAX_WORDS, _verify
+from ovml.stages.generate_text import _verify
 
 LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle", "person", "beach", "bus", "bird",
           "table", "cup", "umbrella", "train", "flower", "bench", "kite", "sheep", "truck", "clock", "book",
           "bottle", "laptop", "pizza", "airplane", "cow", "mountain", "bridge"]
-SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=96)  # generate-text's defaults, decoded to the end
-WORD_STOP = dataclasses.replace(SAMPLING, max_words=MAX_WORDS)  # as generate-text asks: stop past the word limit
+SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=96)  # generate-text's defaults
 
 
 class OneAtATimeBackend(LlamaCppBackend):
@@ -150,12 +148,11 @@ def main() -> None:
                 if n <= args.old_up_to:
                     rows.append(measure("one at a time", OneAtATimeBackend(SAMPLING), planned, threads=2, hogs=hogs))
                 for threads in args.threads:
-                    for name, sampling in (("batched", SAMPLING), ("batched + word stop", WORD_STOP)):
-                        loaded = time.perf_counter()
-                        backend = LlamaCppBackend(None, sampling, threads=threads)
-                        print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
-                        rows.append(measure(name, backend, planned, threads=threads, hogs=hogs))
-                        del backend
+                    loaded = time.perf_counter()
+                    backend = LlamaCppBackend(None, SAMPLING, threads=threads)
+                    print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
+                    rows.append(measure("batched", backend, planned, threads=threads, hogs=hogs))
+                    del backend
         except OvmlError as e:
             raise SystemExit(str(e)) from None
         finally:
