@@ -17,7 +17,22 @@ from typing import Any
 def _timed(fn: Callable[..., Any], args: tuple) -> tuple[Any, float, int]:
     started = time.perf_counter()
     result = fn(*args)
-    return result, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result, time.perf_counter() - started, own_peak_rss()
+
+
+def own_peak_rss() -> int:
+    """This process's own peak RSS in bytes: VmHWM, which exec resets. ru_maxrss is not it: Linux carries it across
+    exec, so a spawned child reports its parent's peak when that was higher (a benchmark that built 6 GB of
+    synthetic data before measuring saw 6 GB in every child; measured before 2026-12-07 19:00, see
+    docs/benchmarks.md)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, int]:
