@@ -135,6 +135,13 @@ app(["run", "--run-dir", run_dir, "--json"])
 """
 
 
+def as_from_a_terminal() -> None:
+    """The signals at their defaults, as a command typed in a terminal has them. Under nohup (SIGHUP ignored) or
+    from a shell's background job (SIGINT ignored) the child would inherit them ignored, which `ovml run` honours."""
+    for signum in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("moment, signum", [
     *[("stage", s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)],
     ("check", signal.SIGTERM), ("summary", signal.SIGTERM), ("check", signal.SIGINT), ("summary", signal.SIGHUP),
@@ -142,7 +149,7 @@ app(["run", "--run-dir", run_dir, "--json"])
 ], ids=lambda v: v if isinstance(v, str) else (signal.Signals(v).name if v else "crash"))
 def test_run_json_prints_its_one_summary_line_on_every_exit(tmp_path, moment, signum):
     result = subprocess.run([sys.executable, "-c", SIGNALLED_RUN, moment, str(int(signum)), str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, preexec_fn=as_from_a_terminal)
     expected = 128 + signum if signum else 1
     (line,) = result.stdout.strip().splitlines()
     summary = json.loads(line)
