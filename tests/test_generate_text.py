@@ -320,12 +320,17 @@ def test_archived_parts_survive_later_recipe_changes(tmp_path, labels_file, use_
     assert len(list((tmp_path / "run" / "captions" / "archive").iterdir())) == 2
 
 
-def test_parts_merged_from_another_shard_are_kept_and_counted(tmp_path, labels_file, use_backend):
+def two_shards_merged_into_shard0(tmp_path: Path, labels_file: Path, use_backend) -> None:
+    """Shards 0 and 1 generated apart, then shard 1's parts copied into shard 0's captions/ (a manual merge)."""
     use_backend(ScriptedBackend(faithful))
     for shard in (0, 1):
         stage.generate_text(config(labels_file, tmp_path / f"shard{shard}", num_shards=2, shard_index=shard))
     for part in (tmp_path / "shard1" / "captions").glob("part-*.parquet"):
         (tmp_path / "shard0" / "captions" / part.name).write_bytes(part.read_bytes())
+
+
+def test_parts_merged_from_another_shard_are_kept_and_counted(tmp_path, labels_file, use_backend):
+    two_shards_merged_into_shard0(tmp_path, labels_file, use_backend)
     merged = part_bytes(tmp_path / "shard0")
     backend = use_backend(ScriptedBackend(faithful))
     outcome = stage.generate_text(config(labels_file, tmp_path / "shard0"))
@@ -454,11 +459,7 @@ def test_an_edited_part_of_the_pool_is_damage_named_with_a_repair_that_keeps_the
 
 
 def test_a_part_merged_from_another_shard_and_then_edited_is_named_as_damage(tmp_path, labels_file, use_backend):
-    use_backend(ScriptedBackend(faithful))
-    for shard in (0, 1):
-        stage.generate_text(config(labels_file, tmp_path / f"shard{shard}", num_shards=2, shard_index=shard))
-    for part in (tmp_path / "shard1" / "captions").glob("part-*.parquet"):
-        (tmp_path / "shard0" / "captions" / part.name).write_bytes(part.read_bytes())
+    two_shards_merged_into_shard0(tmp_path, labels_file, use_backend)
     victim = sorted((tmp_path / "shard1" / "captions").glob("part-*.parquet"))[0].name
     rewrite_one_caption(tmp_path / "shard0" / "captions" / victim)
     before = caption_hashes(tmp_path / "shard0")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -130,13 +131,20 @@ def test_new_outputs_replace_the_old_ones_whole(tmp_path):
     assert not (tmp_path / ".staging" / "demo").exists()
 
 
-def test_a_commit_killed_before_the_manifest_is_written_is_finished_by_the_next_run(tmp_path, monkeypatch):
+def committed_then_killed_mid_commit(tmp_path: Path) -> RunDir:
+    """A run dir whose stage ran once with v=1, then was killed with v=2 after its files were swapped in but
+    before the manifest recorded them."""
     rd = RunDir(tmp_path)
     run_once(rd, [], params={"v": 1})
-    with monkeypatch.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(RunDir, "_put_record", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             run_once(rd, [], params={"v": 2})
+    return rd
+
+
+def test_a_commit_killed_before_the_manifest_is_written_is_finished_by_the_next_run(tmp_path):
+    rd = committed_then_killed_mid_commit(tmp_path)
     calls = []
     outcome = run_once(rd, calls, params={"v": 2})
     assert (outcome.status, outcome.reason) == ("ran", "completed the interrupted commit of an earlier run")
@@ -304,12 +312,7 @@ def test_a_load_that_a_commit_overtook_is_done_again_on_the_files_verified(tmp_p
 
 
 def test_a_commit_killed_half_way_is_named_to_a_reader_with_the_command_that_completes_it(tmp_path, monkeypatch):
-    rd = RunDir(tmp_path)
-    run_once(rd, [], params={"v": 1})
-    with monkeypatch.context() as m:
-        m.setattr(RunDir, "_put_record", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
-        with pytest.raises(KeyboardInterrupt):
-            run_once(rd, [], params={"v": 2})
+    rd = committed_then_killed_mid_commit(tmp_path)
     monkeypatch.setattr(rundir, "COMMIT_WAIT", 0.2)
     with pytest.raises(OvmlError, match=r"out/result.txt comes from a commit of `ovml demo --run-dir .*` that was "
                                         r"interrupted; run that command again to complete it"):
