@@ -31,21 +31,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import taidpt  # noqa: E402
-from bench_accuracy import DEFAULTS, LABEL_FILE, TRAINING  # noqa: E402 - make accuracy's recipe, one place
+from bench_accuracy import (  # noqa: E402 - make accuracy's recipe, one place
+    DEFAULTS,
+    LABEL_FILE,
+    PROBE_IMAGES,
+    PROBE_MOSAICS,
+    TRAINING,
+    VAL_IMAGES,
+    VAL_MOSAICS,
+    train_mosaics,
+)
 from peak_rss import measure  # noqa: E402
 
+from ovml.pipeline import probe  # noqa: E402
 from ovml.pipeline.artifacts import ADAPTER, CAPTIONS, TEXT_EMB, VOCABULARY, caption_parts, image_cache  # noqa: E402
 from ovml.pipeline.clip import load_clip  # noqa: E402
-from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, read_fashion_mnist_split  # noqa: E402
+from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT  # noqa: E402
 from ovml.pipeline.image_cache import read_image_cache, read_patches  # noqa: E402
 from ovml.pipeline.label_embeddings import label_embeddings  # noqa: E402
 from ovml.pipeline.label_sets import LabelSets  # noqa: E402
 from ovml.pipeline.metrics import evaluate_scores  # noqa: E402
+from ovml.pipeline.probe import fit_ceiling  # noqa: E402
 from ovml.pipeline.testbed import TestbedConfig  # noqa: E402
 from ovml.pipeline.text_embeddings import read_text_embeddings, read_token_features  # noqa: E402
 from ovml.pipeline.vocabulary import read_vocabulary_json  # noqa: E402
@@ -62,7 +72,8 @@ POOL_RECIPE = {"per_label": 30, "max_labels": 3, "seed": 0}  # bench_accuracy.py
 # both testbeds (docs/accuracy.md, "Defaults"): chosen there, never on t10k.
 ADAPTERS = {"adapter (defaults)": DEFAULTS,
             "adapter (sigma=0.32, best open-vocabulary setting)": {**DEFAULTS, "noise": 0.32}}
-PROBE = {"mosaics": 8000, "val_mosaics": 1250, "steps": 500, "lr": 0.05, "decays": [0.0, 1e-4, 1e-3, 1e-2]}
+PROBE = {"mosaics": PROBE_MOSAICS, "val_mosaics": VAL_MOSAICS, "steps": probe.STEPS, "lr": probe.LR,
+         "decays": list(probe.WEIGHT_DECAYS)}
 
 
 def main() -> None:
@@ -262,56 +273,25 @@ def ceiling(clip: str, root: str, cache: Path, work: Path, threads: int) -> tupl
     """(training CPU seconds, t10k scores, peak RSS) of the supervised ceiling, kept in `work` for re-runs."""
     saved = work / "ceiling.npz"
     if not saved.is_file():
-        (seconds, scores, decay), _, peak = measure(_probe, clip, root, str(cache), threads)
+        (seconds, scores, decay), _, peak = measure(_probe, clip, root, str(cache), str(work), threads)
         np.savez(saved, seconds=seconds, scores=scores, decay=decay, peak=peak)
     with np.load(saved) as data:
         PROBE["weight_decay"] = float(data["decay"])
         return float(data["seconds"]), data["scores"], int(data["peak"])
 
 
-def _probe(clip: str, root: str, cache: str, threads: int) -> tuple[float, np.ndarray, float]:
-    """(training CPU seconds, t10k scores, weight decay) of the ceiling: a linear probe (logistic regression per label,
-    Adam, full batch) on the testbed's embeddings of 8,000 labelled 2x2 mosaics of four distinct images of
-    train[0:55000] (the testbed's own training images), its weight decay picked on 1,250 mosaics of
-    train[55000:60000] (never seen by the testbed); t10k labels are never looked at. The accuracy branch's
-    recipe (issue 26), re-written here until it is merged."""
+def _probe(clip: str, root: str, cache: str, work: str, threads: int) -> tuple[float, np.ndarray, float]:
+    """(training CPU seconds, t10k scores, weight decay) of the ceiling: `make accuracy`'s (bench_accuracy's mosaics,
+    pipeline/probe.py's fit): a linear probe on 8,000 labelled 2x2 train mosaics of train[0:55000], its weight
+    decay picked on 1,250 mosaics of train[55000:60000]; t10k labels are never looked at."""
     torch.set_num_threads(threads)
-    encoder = load_clip(clip)
-    images, classes, _, _ = read_fashion_mnist_split(Path(root), "train")
-
-    def mosaics(first: int, last: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        members = first + np.random.default_rng(seed).permutation(last - first)[:4 * count].reshape(count, 4)
-        x = []
-        for start in range(0, count, 256):
-            grids = [images[m].reshape(2, 2, 28, 28).transpose(0, 2, 1, 3).reshape(56, 56)
-                     for m in members[start:start + 256]]
-            x.append(encoder.encode_image_batch(torch.stack(
-                [encoder.preprocess(Image.fromarray(np.ascontiguousarray(g)).convert("RGB")) for g in grids])))
-        y = torch.zeros(count, len(FASHION_MNIST_CLASSES))
-        y[torch.arange(count)[:, None], torch.from_numpy(classes[members].astype(np.int64))] = 1
-        return torch.from_numpy(np.concatenate(x)), y
-
-    def fit(x: torch.Tensor, y: torch.Tensor, decay: float) -> torch.nn.Linear:
-        torch.manual_seed(0)
-        probe = torch.nn.Linear(x.shape[1], y.shape[1])
-        optimizer = torch.optim.Adam(probe.parameters(), lr=PROBE["lr"], weight_decay=decay)
-        for _ in range(PROBE["steps"]):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return probe
-
-    train_x, train_y = mosaics(0, 55_000, PROBE["mosaics"], seed=0)
-    val_x, val_y = mosaics(55_000, 60_000, PROBE["val_mosaics"], seed=1)
+    train_x, train_y = train_mosaics(clip, root, Path(work) / "probe-mosaics.npz", PROBE_IMAGES, PROBE_MOSAICS, seed=0)
+    val_x, val_y = train_mosaics(clip, root, Path(work) / "val-mosaics.npz", VAL_IMAGES, VAL_MOSAICS, seed=1)
     cpu = time.process_time()
-    decay = max(PROBE["decays"], key=lambda d: protocols(fit(train_x, train_y, d)(val_x).detach().numpy(),
-                                                          val_y.numpy() > 0, FASHION_MNIST_CLASSES)["all mAP"])
-    probe = fit(train_x, train_y, decay)
+    probe = fit_ceiling(train_x, train_y, held_out=(val_x, val_y))
     seconds = time.process_time() - cpu
     vectors, _, _ = read_image_cache(Path(cache))
-    with torch.no_grad():
-        return seconds, probe(torch.from_numpy(vectors)).numpy(), decay
+    return seconds, probe.scores(vectors), probe.weight_decay
 
 
 def _cell(values: list[float]) -> str:
