@@ -282,16 +282,21 @@ def grammar_pool(run_dir: Path, labels: list[str], count: int, seed: int = 0) ->
     atomic.write_json(run_dir / VOCABULARY, {"labels": labels, "synonyms": {}})
 
 
+def copy_captions(pool: Path, count: int, run_dir: Path) -> None:
+    """The pool's first `count` captions as run_dir's one captions part, with the pool's vocabulary.json."""
+    table = pa.concat_tables(pq.read_table(p) for p in caption_parts(pool)).slice(0, count)
+    if table.num_rows < count:
+        raise SystemExit(f"{pool} has {table.num_rows} captions, fewer than {count}")
+    atomic.write_parquet(run_dir / CAPTIONS / part_name(0), table.replace_schema_metadata(None))
+    shutil.copy(pool / VOCABULARY, run_dir / VOCABULARY)
+
+
 def prefix_run(run_dir: Path, pool: Path, count: int, spec: str, images_dir: Path) -> Path:
     """A run dir with the pool's first `count` captions, embedded by the testbed, and the t10k image cache."""
     if not (run_dir / CAPTIONS).is_dir():
-        table = pa.concat_tables(pq.read_table(p) for p in caption_parts(pool)).slice(0, count)
-        if table.num_rows < count:
-            raise SystemExit(f"{pool} has {table.num_rows} captions, fewer than {count}")
         staging = run_dir.with_name(run_dir.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
-        atomic.write_parquet(staging / CAPTIONS / part_name(0), table.replace_schema_metadata(None))
-        shutil.copy(pool / VOCABULARY, staging / VOCABULARY)
+        copy_captions(pool, count, staging)
         shutil.copytree(images_dir / image_cache("fashion-mnist"), staging / image_cache("fashion-mnist"))
         staging.rename(run_dir)
     embed_text(EmbedTextConfig(run_dir=run_dir, clip=spec))

@@ -26,7 +26,7 @@ import numpy as np
 from ovml.pipeline.caption_pool import dedup_key
 from ovml.pipeline.caption_prompts import CaptionPrompts, PlannedPrompt
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, OpenAIBackend, Sampling, default_gguf
+from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, OpenAIBackend, Sampling, default_gguf, shipped_gguf
 from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
 from ovml.stages.generate_text import _verify
 
@@ -44,7 +44,7 @@ class OneAtATimeBackend(LlamaCppBackend):
         from llama_cpp import Llama
 
         super().__init__(None, sampling, threads=1)
-        self._single = Llama(model_path=str(default_gguf()), n_ctx=1024, n_threads=threads, verbose=False)
+        self._single = Llama(model_path=str(shipped_gguf()), n_ctx=1024, n_threads=threads, verbose=False)
         self._in_cache: list[int] | None = None
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--only-openai", action="store_true")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="openai requests in flight")
     parser.add_argument("--server-threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=[None], help="GGUF files of the batched backend (default: "
+                        "generate-text's, SmolLM2 in Q8_0)")
     args = parser.parse_args()
     rows = []
     for hogs in args.hogs:
@@ -147,12 +149,13 @@ def main() -> None:
                     continue
                 if n <= args.old_up_to:
                     rows.append(measure("one at a time", OneAtATimeBackend(SAMPLING), planned, threads=2, hogs=hogs))
-                for threads in args.threads:
-                    loaded = time.perf_counter()
-                    backend = LlamaCppBackend(None, SAMPLING, threads=threads)
-                    print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
-                    rows.append(measure("batched", backend, planned, threads=threads, hogs=hogs))
-                    del backend
+                for model in args.models:
+                    for threads in args.threads:
+                        loaded = time.perf_counter()
+                        backend = LlamaCppBackend(model, SAMPLING, threads=threads)
+                        print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
+                        rows.append(measure(f"batched {backend.model}", backend, planned, threads=threads, hogs=hogs))
+                        del backend
         except OvmlError as e:
             raise SystemExit(str(e)) from None
         finally:

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from bench_accuracy import grammar_pool  # a sibling script: benchmarks/ is on sys.path
+from bench_accuracy import copy_captions, grammar_pool  # a sibling script: benchmarks/ is on sys.path
 
-from ovml.pipeline.artifacts import ADAPTER
+from ovml.pipeline.artifacts import ADAPTER, caption_parts
 from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT
 from ovml.pipeline.image_cache import read_image_cache
 from ovml.pipeline.metrics import evaluate_scores
@@ -81,7 +81,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--held-out", default="shirt,sneaker,bag")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--captions", type=int, default=1000, help="grammar captions in the pool")
+    parser.add_argument("--captions", type=int, default=1000, help="captions the adapter learns from")
+    parser.add_argument("--pool", type=Path, default=None, help="a generate-text run dir over the seen labels "
+                        "whose first --captions captions to use (make accuracy's SmolLM2 pool); default: "
+                        "grammar captions written here")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-images"))
     parser.add_argument("--testbed", type=Path, default=TestbedConfig.out)
     parser.add_argument("--root", default=str(FASHION_MNIST_ROOT))
@@ -99,7 +102,10 @@ def main() -> None:
     seen_file = (args.work / "labels-seen.txt").resolve()
     seen_file.write_text("".join(line + "\n" for line in LABEL_FILE.read_text().splitlines()
                                  if line and not line.startswith("#") and line.split(":")[0] not in held_out))
-    grammar_pool(base, [label for label in FASHION_MNIST_CLASSES if label not in held_out], args.captions)
+    if args.pool is None:
+        grammar_pool(base, [label for label in FASHION_MNIST_CLASSES if label not in held_out], args.captions)
+    elif not caption_parts(base):
+        copy_captions(args.pool, args.captions, base)
     for stage in (
         lambda: embed_text(EmbedTextConfig(run_dir=base, clip=clip, local=True)),
         lambda: embed_images(EmbedImagesConfig(run_dir=base, clip=clip, dataset="fashion-mnist", root=args.root,

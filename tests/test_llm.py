@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -19,7 +20,9 @@ from ovml.pipeline.llm import (
     OpenAIBackend,
     Sampling,
     VllmBackend,
+    default_gguf,
     parse_caption,
+    shipped_gguf,
 )
 
 SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=32)
@@ -220,3 +223,36 @@ def test_llama_cpp_backend_reads_the_chat_template_tokens_through_the_public_api
     backend = LlamaCppBackend(None, SAMPLING)
     assert backend._token_text(backend._llm.token_eos()) == "<|im_end|>"
     assert backend._token_text(backend._llm.token_bos()) == "<|im_start|>"
+
+
+def gguf_file_type(path) -> int:
+    from llama_cpp import Llama
+
+    return int(Llama(model_path=str(path), vocab_only=True, verbose=False).metadata["general.file_type"])
+
+
+def test_the_default_llm_is_the_shipped_smollm2_requantized_to_q8_0_once_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    made = default_gguf()
+    assert made.is_relative_to(tmp_path / "ovml")
+    assert (gguf_file_type(shipped_gguf()), gguf_file_type(made)) == (3, 7)  # LLAMA_FTYPE_MOSTLY_Q4_1, _Q8_0
+    stamp = made.stat().st_mtime_ns
+    assert default_gguf() == made and made.stat().st_mtime_ns == stamp
+    assert [p.name for p in made.parent.iterdir()] == [made.name]  # no partial file left beside it
+
+
+def test_the_default_llm_is_the_same_bytes_wherever_it_is_made(tmp_path, monkeypatch):
+    digests = []
+    for cache in ("a", "b"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / cache))
+        digests.append(hashlib.sha256(default_gguf().read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_a_cache_that_cannot_be_written_is_a_one_line_error_naming_the_fix(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(OvmlError, match="XDG_CACHE_HOME") as error:
+        default_gguf()
+    assert "\n" not in str(error.value)
