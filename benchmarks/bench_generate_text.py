@@ -13,6 +13,7 @@ Times cover decoding only (model load is printed apart); every configuration ans
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import socket
 import subprocess
@@ -70,10 +71,11 @@ def plan(n: int, seed: int = 0) -> list[PlannedPrompt]:
                           ids[int(rng.integers(len(ids)))], int(rng.integers(2**31))) for _ in range(n)]
 
 
-def measure(name: str, backend, planned: list[PlannedPrompt], **fields) -> dict:
+def measure(name: str, backend, planned: list[PlannedPrompt], heads: bool = True, **fields) -> dict:
     prompts = CaptionPrompts.load()
     matcher = MentionMatcher(parse_vocabulary("\n".join(LABELS)))
-    requests = [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed) for p in planned]
+    requests = [ChatRequest(prompts.messages(p.prompt_id, p.labels), p.seed, prompts.head(p.prompt_id) if heads else "")
+                for p in planned]
     seen: set[str] = set()
     kept = 0
     start = time.perf_counter()
@@ -130,6 +132,8 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=[None], help="GGUF files of the batched backend (default: "
                         "generate-text's, SmolLM2 in Q8_0)")
+    parser.add_argument("--heads", nargs="+", choices=["yes", "no"], default=["yes"],
+                        help="send each variant's head (its words before the labels, evaluated once) or not")
     args = parser.parse_args()
     rows = []
     for hogs in args.hogs:
@@ -148,14 +152,15 @@ def main() -> None:
                         stop([server])
                     continue
                 if n <= args.old_up_to:
-                    rows.append(measure("one at a time", OneAtATimeBackend(SAMPLING), planned, threads=2, hogs=hogs))
-                for model in args.models:
-                    for threads in args.threads:
-                        loaded = time.perf_counter()
-                        backend = LlamaCppBackend(model, SAMPLING, threads=threads)
-                        print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
-                        rows.append(measure(f"batched {backend.model}", backend, planned, threads=threads, hogs=hogs))
-                        del backend
+                    rows.append(measure("one at a time", OneAtATimeBackend(SAMPLING), planned, False, threads=2,
+                                        hogs=hogs))
+                for model, heads, threads in itertools.product(args.models, args.heads, args.threads):
+                    loaded = time.perf_counter()
+                    backend = LlamaCppBackend(model, SAMPLING, threads=threads)
+                    print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
+                    rows.append(measure(f"batched {backend.model}" + (", heads" if heads == "yes" else ""), backend,
+                                        planned, heads == "yes", threads=threads, hogs=hogs))
+                    del backend
         except OvmlError as e:
             raise SystemExit(str(e)) from None
         finally:

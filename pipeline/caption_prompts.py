@@ -95,6 +95,10 @@ class CaptionPrompts:
                       ("assistant", json.dumps({"caption": example["caption"]}))]
         return (*turns, ("user", _fill(self.variants[prompt_id], labels)))
 
+    def head(self, prompt_id: str) -> str:
+        """How the variant's request begins whatever the labels: a backend evaluates it once (ChatRequest.head)."""
+        return self.variants[prompt_id].split("$")[0]
+
 
 def _fill(template: str, labels: tuple[str, ...] | list[str]) -> str:
     named = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]

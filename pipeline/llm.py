@@ -18,6 +18,7 @@ import os
 import threading
 import urllib.parse
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ API_KEY_ENV = "OVML_API_KEY"
 class ChatRequest:
     messages: tuple[tuple[str, str], ...]  # (role, content); a tuple so requests hash and compare
     seed: int
+    head: str = ""  # how the last message begins in other requests too (a variant's words before its labels)
 
     def as_openai(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -150,18 +152,23 @@ class LlamaCppBackend:
     from its request, and a finished sequence's slot takes the next prompt at once.
 
     An answer depends only on its prompt and seed, never on which prompts share its batch or came before it,
-    so Ray actors, resumed runs and the local engine write the same captions. The shared part of every prompt
-    (system prompt and examples) is evaluated once, on its own, in sequence 0; a prompt starts from a copy of
-    exactly that. Each sequence has its own KV-cache stream (`kv_unified=False`), so its cells sit at the same
-    places whatever the others hold, and flash attention computes each token's row alone: together these make
-    the floating-point sums the same in any batch (tests/test_generate_text_llm.py decodes prompts alone and in
-    batches of other compositions and compares the text). In one unified cache the cells of a sequence land
+    so Ray actors, resumed runs and the local engine write the same captions. The part a prompt shares with
+    others (system prompt, examples and its request's `head`, the variant's words before the labels) is evaluated
+    once, on its own, in a prefix sequence of its own; a prompt starts from a copy of exactly that (a head saves
+    ~11 of the ~34 tokens a prompt has past the system prompt). The head is part of the request: where the prompt
+    is split into prefix and rest changes llama.cpp's sums, so the same prompt with another head may get another
+    answer (generate-text always sends its variant's head). Each sequence has its own KV-cache stream
+    (`kv_unified=False`), so its cells sit at the same places whatever the others hold, and flash attention
+    computes each token's row alone: together these make the floating-point sums the same in any batch
+    (tests/test_generate_text_llm.py decodes prompts alone and in batches of other compositions and compares the
+    text). In one unified cache the cells of a sequence land
     wherever the others left room, which changes the order of the sums.
     """
 
     name = "llama-cpp"
     PREFILL = '{"caption": "'
     SEQUENCES = 16  # decoded together; batching is compute-bound past ~16 on 2 cores (docs/benchmarks.md)
+    PREFIXES = 6  # prefix sequences kept (the least recently used one is evaluated again): caption_prompts has 5
     MIN_P = 0.05  # llama-cpp-python's create_completion defaults, which this backend used before batching
     TOP_K = 40
 
@@ -187,9 +194,9 @@ class LlamaCppBackend:
         self._format = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self._llm.token_eos()),
                                            bos_token=self._token_text(self._llm.token_bos()))
         self._lib = llama_cpp
-        self._decoder = _BatchDecoder(llama_cpp, self._llm, self.SEQUENCES + 1, n_ctx, threads)
+        self._decoder = _BatchDecoder(llama_cpp, self._llm, self.PREFIXES + self.SEQUENCES, n_ctx, threads)
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self._prefix_in_cache: list[int] | None = None
+        self._prefixes: OrderedDict[tuple[int, ...], int] = OrderedDict()  # prefix tokens -> its sequence
 
     def _token_text(self, token: int) -> str:
         """A special token's text ("<|im_end|>"), through llama-cpp-python's public detokenize."""
@@ -202,8 +209,8 @@ class LlamaCppBackend:
         return self._llm.tokenize(text.encode("utf-8"), special=True)
 
     def _shared_prefix(self, request: ChatRequest, tokens: list[int]) -> list[int]:
-        """The prompt's tokens before the last message's text: the same for every request of a stage."""
-        probe = ChatRequest((*request.messages[:-1], (request.messages[-1][0], "\x00")), request.seed)
+        """The prompt's tokens up to its last message's head: the same for every request with that head."""
+        probe = ChatRequest((*request.messages[:-1], (request.messages[-1][0], request.head + "\x00")), request.seed)
         return tokens[:self._llm.longest_token_prefix(tokens, self._tokens(self._prompt(probe)))]
 
     @property
@@ -238,12 +245,19 @@ class LlamaCppBackend:
         return tokens, self._shared_prefix(request, tokens)
 
     def _start(self, tokens: list[int], prefix: list[int], seed: int, slot: int) -> _Sequence:
-        """A prompt's sequence: the shared prefix copied into `slot`, the rest of the prompt still to decode."""
-        if prefix != self._prefix_in_cache:
-            self._decoder.reset(prefix)
-            self._prefix_in_cache = prefix
-        self._decoder.copy_prefix(slot)
+        """A prompt's sequence: its prefix copied into `slot`, the rest of the prompt still to decode."""
+        self._decoder.copy(self._prefixes[tuple(prefix)], slot)
+        self._prefixes.move_to_end(tuple(prefix))
         return _Sequence(slot, len(prefix), tokens[len(prefix):], self._sampler(seed))
+
+    def _evaluate_prefix(self, prefix: list[int]) -> None:
+        """`prefix` alone in a prefix sequence, in place of the least recently used one when all are taken."""
+        if len(self._prefixes) < self.PREFIXES:
+            sequence = len(self._prefixes)
+        else:
+            _, sequence = self._prefixes.popitem(last=False)
+        self._decoder.evaluate(sequence, prefix)
+        self._prefixes[tuple(prefix)] = sequence
 
     def _finish(self, sequence: _Sequence, token: int) -> str | None:
         """The answer if `token` ends the sequence (end of turn, quote, newline, --max-tokens), else None."""
@@ -260,20 +274,27 @@ class LlamaCppBackend:
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
         waiting = [(i, *self._prepared(r), r.seed) for i, r in enumerate(requests)][::-1]  # pop() = request order
-        free = list(range(self.SEQUENCES, 0, -1))  # sequence 0 holds the shared prefix
+        free = list(range(self.PREFIXES + self.SEQUENCES - 1, self.PREFIXES - 1, -1))  # after the prefixes
         running: dict[int, tuple[int, _Sequence]] = {}
         answers: dict[int, str] = {}
         next_out = 0
         try:
             while waiting or running:
-                # A prompt joins while a slot is free, its prefix is the one in the cache (another prefix
-                # waits until the running prompts drain) and llama.cpp's batch has room for its tokens.
-                while waiting and free and (not running or (
-                        waiting[-1][2] == self._prefix_in_cache and self._pending(running) + len(waiting[-1][1])
-                        <= self._decoder.batch_tokens)):
-                    index, tokens, prefix, seed = waiting.pop()
+                # A prompt joins while a slot is free and llama.cpp's batch has room for its tokens. A new
+                # prefix is evaluated only before any copy of this step: copies are made at the next decode, from
+                # prefix sequences that evaluating a new prefix may overwrite.
+                copies = 0
+                while waiting and free and (not running or self._pending(running) + len(waiting[-1][1])
+                                            <= self._decoder.batch_tokens):
+                    index, tokens, prefix, seed = waiting[-1]
+                    if tuple(prefix) not in self._prefixes:
+                        if copies:
+                            break
+                        self._evaluate_prefix(prefix)
+                    waiting.pop()
                     slot = free.pop()
                     running[slot] = (index, self._start(tokens, prefix, seed, slot))
+                    copies += 1
                 outputs = self._decoder.decode(sorted((seq for _, seq in running.values()), key=lambda s: s.slot))
                 for slot, row in outputs.items():
                     index, sequence = running[slot]
@@ -358,15 +379,15 @@ class _BatchDecoder:
         # Freed before the model: the finalizer holds the Llama that owns it.
         self._closed = weakref.finalize(self, _free_decoder, lib, self.ctx, self._batch, llm)
 
-    def reset(self, prefix: list[int]) -> None:
-        """Empty every stream, then evaluate `prefix` alone in sequence 0."""
-        self._lib.llama_memory_clear(self._memory, True)
-        for start in range(0, len(prefix), self.batch_tokens):
-            self._run([(0, start, prefix[start:start + self.batch_tokens], False)])
+    def evaluate(self, sequence: int, tokens: list[int]) -> None:
+        """Empty `sequence`'s stream, then evaluate `tokens` in it alone."""
+        self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+        for start in range(0, len(tokens), self.batch_tokens):
+            self._run([(sequence, start, tokens[start:start + self.batch_tokens], False)])
 
-    def copy_prefix(self, slot: int) -> None:
-        """Sequence 0's stream, cell for cell, into `slot`'s (done by llama.cpp at the next decode)."""
-        self._lib.llama_memory_seq_cp(self._memory, 0, slot, -1, -1)
+    def copy(self, source: int, target: int) -> None:
+        """`source`'s stream, cell for cell, into `target`'s (done by llama.cpp at the next decode)."""
+        self._lib.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
     def decode(self, sequences: list[_Sequence]) -> dict[int, int]:
         """One step: every sequence's pending tokens; {slot: batch row of its next-token logits}."""
@@ -603,8 +624,9 @@ class LlmWorker:
     def __call__(self, batch) -> Iterator:
         import pyarrow as pa
 
-        requests = [ChatRequest(tuple(tuple(turn) for turn in json.loads(messages)), seed)
-                    for messages, seed in zip(batch["messages"].to_pylist(), batch["seed"].to_pylist(), strict=True)]
+        requests = [ChatRequest(tuple(tuple(turn) for turn in json.loads(messages)), seed, head)
+                    for messages, seed, head in zip(batch["messages"].to_pylist(), batch["seed"].to_pylist(),
+                                                    batch["head"].to_pylist(), strict=True)]
         units, indices = batch["unit"].to_pylist(), batch["index"].to_pylist()
         for unit, index, raw in zip(units, indices, self.backend.complete(requests), strict=True):
             yield pa.table({"unit": [unit], "index": [index], "raw": pa.array([raw], pa.string()),

@@ -242,7 +242,8 @@ def _generate(cfg: GenerateTextConfig, engine, vocabulary: Vocabulary, recipe: s
                      for k in range(len(chunks))]
             missing = {k: chunk for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)) if not path.exists()}
             items = [{UNIT: k, "index": i, "messages": json.dumps(prompts.messages(p.prompt_id, p.labels)),
-                      "seed": p.seed} for k, chunk in missing.items() for i, p in enumerate(chunk)]
+                      "head": prompts.head(p.prompt_id), "seed": p.seed}
+                     for k, chunk in missing.items() for i, p in enumerate(chunk)]
             answered = engine.map(LlmWorker, worker_args, items,
                                   batch_size=LlmWorker.items_per_call(cfg.backend, cfg.concurrency))
             for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):

@@ -87,14 +87,15 @@ def test_an_answer_does_not_depend_on_the_prompts_decoded_beside_it_nor_on_threa
     prompts = CaptionPrompts.load()
     variants = list(prompts.variants)
     label_sets = [("dog",), ("car", "cat"), ("tree", "boat", "horse"), ("chair",), ("bicycle", "dog"), ("cat",)]
-    requests = [ChatRequest(prompts.messages(variants[i % len(variants)], labels), 2000 + i)
-                for i, labels in enumerate(label_sets)]
+    requests = [ChatRequest(prompts.messages(variants[i % len(variants)], labels), 2000 + i,
+                            prompts.head(variants[i % len(variants)])) for i, labels in enumerate(label_sets)]
     sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=24)
     two_threads = LlamaCppBackend(None, sampling, threads=2)
     alone = [next(two_threads.complete([request])) for request in requests]
     together = list(two_threads.complete(requests))
     one_thread = LlamaCppBackend(None, sampling, threads=1)
     one_thread.SEQUENCES = 2  # four prompts join mid-way, beside other ones, in another order
+    one_thread.PREFIXES = 2  # five heads through two prefix sequences: each evaluated again after eviction
     reordered = list(one_thread.complete(requests[::-1]))[::-1]
     assert len(set(alone)) == len(requests)
     assert together == alone
