@@ -74,6 +74,8 @@ def rows(seen_file: str) -> list[tuple[str, str, dict]]:
         ("images + captions", "captions + seen images, 1000/label", {**LARGE, **images, "images_per_label": 1000}),
         ("seen images", "seen images only, 1000/label", {**LARGE, **alone, "images_per_label": 1000}),
         ("query head", "query head, captions only", {**SMALL, "head": "query"}),
+        ("unlabelled", "captions + seen images, 100/label + unlabelled train images",
+         {**LARGE, **images, "images_per_label": 100, "unlabelled": TRAIN_CACHE}),
     ]
 
 
