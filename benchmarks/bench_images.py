@@ -76,6 +76,9 @@ def rows(seen_file: str) -> list[tuple[str, str, dict]]:
         ("query head", "query head, captions only", {**SMALL, "head": "query"}),
         ("unlabelled", "captions + seen images, 100/label + unlabelled train images",
          {**LARGE, **images, "images_per_label": 100, "unlabelled": TRAIN_CACHE}),
+        # added after the first LLM-caption run, to tell the images' effect from the batch size's (SMALL vs LARGE)
+        ("batch check", "captions only, batch 128", LARGE),
+        ("batch check", "captions + seen images, 10/label, batch 128", {**LARGE, **images, "images_per_label": 10}),
     ]
 
 
