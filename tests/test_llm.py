@@ -256,3 +256,14 @@ def test_a_cache_that_cannot_be_written_is_a_one_line_error_naming_the_fix(tmp_p
     with pytest.raises(OvmlError, match="XDG_CACHE_HOME") as error:
         default_gguf()
     assert "\n" not in str(error.value)
+
+
+def test_a_damaged_default_llm_says_to_delete_it_and_is_made_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    made = default_gguf()
+    intact = made.read_bytes()
+    made.write_bytes(intact[:len(intact) // 2])
+    with pytest.raises(OvmlError, match="delete it"):
+        LlamaCppBackend(None, SAMPLING)
+    made.unlink()
+    assert default_gguf().read_bytes() == intact
