@@ -29,12 +29,12 @@ from ovml.pipeline.caption_prompts import CaptionPrompts, PlannedPrompt
 from ovml.pipeline.errors import OvmlError
 from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, OpenAIBackend, Sampling, default_gguf, shipped_gguf
 from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
-from ovml.stages.generate_text import _verify
+from ovml.stages.generate_text import MAX_WORDS, _verify
 
 LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle", "person", "beach", "bus", "bird",
           "table", "cup", "umbrella", "train", "flower", "bench", "kite", "sheep", "truck", "clock", "book",
           "bottle", "laptop", "pizza", "airplane", "cow", "mountain", "bridge"]
-SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=96)  # generate-text's defaults
+SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=96, max_words=MAX_WORDS)  # generate-text's
 
 
 class OneAtATimeBackend(LlamaCppBackend):

@@ -53,6 +53,9 @@ class Sampling:
     temperature: float
     top_p: float
     max_tokens: int
+    # llama-cpp stops an answer once it has more words than this: generate-text drops it as too long whatever
+    # follows, so the rest would be decoded for nothing (other backends decode to the end)
+    max_words: int | None = None
 
 
 class LlmBackend(Protocol):
@@ -271,6 +274,8 @@ class LlamaCppBackend:
             return json.dumps({"caption": sequence.text()})
         if sequence.generated >= self.sampling.max_tokens:
             return self.PREFILL + sequence.text()
+        if self.sampling.max_words is not None and len(sequence.text().split()) > self.sampling.max_words:
+            return json.dumps({"caption": sequence.text()})  # a word count only grows: its fate is decided
         return None
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:

@@ -279,7 +279,7 @@ def _generate(cfg: GenerateTextConfig, engine, vocabulary: Vocabulary, recipe: s
 
 
 def _sampling(cfg: GenerateTextConfig) -> Sampling:
-    return Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens)
+    return Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, max_words=MAX_WORDS)
 
 
 def _answers(tables: Iterator[pa.Table], dialects: set[str]) -> Iterator[dict]:

@@ -80,6 +80,28 @@ def test_an_answer_depends_only_on_its_prompt_and_seed_not_on_the_prompts_answer
         assert [answers[i] for i in range(len(requests))] == alone
 
 
+def test_an_answer_past_the_word_limit_stops_there_and_a_shorter_one_is_unchanged():
+    """generate-text drops a caption of more than MAX_WORDS words, so decoding stops one word past the limit:
+    the stopped answer must be the full answer's beginning, and every answer within the limit the same text."""
+    from ovml.pipeline.llm import parse_caption
+
+    prompts = CaptionPrompts.load()
+    variants = list(prompts.variants)
+    label_sets = [("dog",), ("car", "cat"), ("tree", "boat", "horse"), ("chair",), ("bicycle", "dog"), ("cat",)]
+    requests = [ChatRequest(prompts.messages(variants[i % len(variants)], labels), 3000 + i)
+                for i, labels in enumerate(label_sets)]
+    full_sampling, limit = Sampling(temperature=0.8, top_p=0.95, max_tokens=48), 14
+    full = [parse_caption(a) or "" for a in LlamaCppBackend(None, full_sampling).complete(requests)]
+    stopped = [parse_caption(a) or "" for a in LlamaCppBackend(None, Sampling(
+        temperature=0.8, top_p=0.95, max_tokens=48, max_words=limit)).complete(requests)]
+    assert any(len(text.split()) > limit for text in full) and any(len(text.split()) <= limit for text in full)
+    for whole, cut in zip(full, stopped, strict=True):
+        if len(whole.split()) <= limit:
+            assert cut == whole
+        else:
+            assert len(cut.split()) == limit + 1 and whole.split()[:limit] == cut.split()[:limit]
+
+
 def test_an_answer_does_not_depend_on_the_prompts_decoded_beside_it_nor_on_threads():
     """The backend decodes up to SEQUENCES prompts together; which ones share a batch changes with part sizes,
     Ray batches and resumes. Each prompt alone (one sequence, 2 threads) must give the text it gives inside a
