@@ -164,8 +164,8 @@ class LlamaCppBackend:
     (`kv_unified=False`), so its cells sit at the same places whatever the others hold, and flash attention
     computes each token's row alone: together these make the floating-point sums the same in any batch
     (tests/test_generate_text_llm.py decodes prompts alone and in batches of other compositions and compares the
-    text). In one unified cache the cells of a sequence land
-    wherever the others left room, which changes the order of the sums.
+    text). In one unified cache the cells of a sequence land wherever the others left room, which changes the
+    order of the sums.
     """
 
     name = "llama-cpp"
