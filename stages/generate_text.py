@@ -8,8 +8,9 @@ Shards split the quota (each covers ceil(per_label / num_shards) per label) and 
 apart (part number = shard_index mod num_shards), so their captions/ folders merge by copying.
 
 The caption pool only grows unless asked. The settings that change how a caption is made form its recipe:
-backend, model, prompts file, temperature, top_p, max_tokens, sampling (and its co-occurrence file or CLIP model),
-min/max labels, the vocabulary, seed and extra_body; how many captions (per_label) and who makes them (base_url,
+backend, model (the default's file name when none is given), prompts file, temperature, top_p, max_tokens,
+sampling (and its co-occurrence file or CLIP model), min/max labels, the vocabulary, seed and extra_body; how many
+captions (per_label) and who makes them (base_url,
 concurrency, threads, max_rounds, part_size) are not part of it, and base_url, concurrency, threads, max_rounds
 and part_size do not even make the stage run again. Raising --per-label tops the pool up, lowering it keeps every
 row; only --force deletes captions (it builds a new pool from nothing, which replaces the old one when complete;
@@ -79,6 +80,8 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
         cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     params = as_params(cfg)
     params["prompts_sha256"] = hashlib.sha256(read_prompt_file(PROMPTS_FILE).encode()).hexdigest()
+    if cfg.backend == "llama-cpp" and not cfg.model:  # a new default model is a new recipe: the stage runs again
+        params["default_model"] = SMOLLM2_GGUF
     inputs = list(vocabulary.sources)
     models = {"llm": cfg.model or (SMOLLM2_GGUF if cfg.backend == "llama-cpp" else "served by base_url")}
     if cfg.sampling == "cooccurrence":

@@ -313,6 +313,17 @@ def test_a_recipe_change_sets_the_old_parts_aside_and_makes_new_ones(tmp_path, l
     assert pool["recipe"] != first.summary["pool"]["recipe"]
 
 
+def test_a_new_default_model_sets_the_old_defaults_captions_aside(tmp_path, labels_file, use_backend, monkeypatch):
+    """The default LLM changed once (SmolLM2 Q4_1 -> Q8_0): a pool the old default began is not topped up with
+    captions of the new one."""
+    use_backend(ScriptedBackend(faithful))
+    first = stage.generate_text(config(labels_file, tmp_path / "run"))
+    monkeypatch.setattr(stage, "SMOLLM2_GGUF", "another-default.gguf")
+    pool = stage.generate_text(config(labels_file, tmp_path / "run")).summary["pool"]
+    assert pool["set_aside"] == first.summary["kept"] and pool["kept"] == 0
+    assert pool["recipe"] != first.summary["pool"]["recipe"]
+
+
 def test_archived_parts_survive_later_recipe_changes(tmp_path, labels_file, use_backend):
     use_backend(ScriptedBackend(faithful))
     for temperature in (0.8, 0.3, 0.5):
