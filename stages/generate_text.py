@@ -80,10 +80,11 @@ def generate_text(cfg: GenerateTextConfig) -> StageOutcome:
         cfg = replace(cfg, clip=run_dir.clip(cfg.clip))
     params = as_params(cfg)
     params["prompts_sha256"] = hashlib.sha256(read_prompt_file(PROMPTS_FILE).encode()).hexdigest()
-    if cfg.backend == "llama-cpp" and not cfg.model:  # a new default model is a new recipe: the stage runs again
-        params["default_model"] = SMOLLM2_GGUF
+    default_model = SMOLLM2_GGUF if cfg.backend == "llama-cpp" and not cfg.model else None
+    if default_model:  # a new default model is a new recipe: the stage runs again
+        params["default_model"] = default_model
     inputs = list(vocabulary.sources)
-    models = {"llm": cfg.model or (SMOLLM2_GGUF if cfg.backend == "llama-cpp" else "served by base_url")}
+    models = {"llm": cfg.model or default_model or "served by base_url"}
     if cfg.sampling == "cooccurrence":
         inputs.append(Path(cfg.cooccurrence))
     if cfg.sampling == "similar":

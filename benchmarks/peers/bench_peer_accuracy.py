@@ -55,7 +55,6 @@ from ovml.pipeline.image_cache import read_image_cache, read_patches  # noqa: E4
 from ovml.pipeline.label_embeddings import label_embeddings  # noqa: E402
 from ovml.pipeline.label_sets import LabelSets  # noqa: E402
 from ovml.pipeline.metrics import evaluate_scores  # noqa: E402
-from ovml.pipeline.probe import fit_ceiling  # noqa: E402
 from ovml.pipeline.testbed import TestbedConfig  # noqa: E402
 from ovml.pipeline.text_embeddings import read_text_embeddings, read_token_features  # noqa: E402
 from ovml.pipeline.vocabulary import read_vocabulary_json  # noqa: E402
@@ -288,10 +287,10 @@ def _probe(clip: str, root: str, cache: str, work: str, threads: int) -> tuple[f
     train_x, train_y = train_mosaics(clip, root, Path(work) / "probe-mosaics.npz", PROBE_IMAGES, PROBE_MOSAICS, seed=0)
     val_x, val_y = train_mosaics(clip, root, Path(work) / "val-mosaics.npz", VAL_IMAGES, VAL_MOSAICS, seed=1)
     cpu = time.process_time()
-    probe = fit_ceiling(train_x, train_y, held_out=(val_x, val_y))
+    fitted = probe.fit_ceiling(train_x, train_y, held_out=(val_x, val_y))
     seconds = time.process_time() - cpu
     vectors, _, _ = read_image_cache(Path(cache))
-    return seconds, probe.scores(vectors), probe.weight_decay
+    return seconds, fitted.scores(vectors), fitted.weight_decay
 
 
 def _cell(values: list[float]) -> str:
