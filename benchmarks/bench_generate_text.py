@@ -5,6 +5,9 @@ against a local `python -m llama_cpp.server` with several requests in flight.
     .venv/bin/python benchmarks/bench_generate_text.py --prompts 60 600 --hogs 0 1 2 --threads 1 2
     .venv/bin/python benchmarks/bench_generate_text.py --prompts 60 --only-openai --concurrency 1 4
 
+Which llama.cpp build runs (generic AVX2, or with the CPU's AVX512: see the Makefile) is printed in every row; to
+compare builds, run this once per build with the other build's llama-cpp-python first on PYTHONPATH.
+
 Prompts are made as generate-text makes them (its prompts file, 1-4 labels drawn from a fixed list, one seed
 each) and the answers go through its verification and de-duplication, so "kept" is what the stage would keep.
 Times cover decoding only (model load is printed apart); every configuration answers the same prompts.
@@ -22,6 +25,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+import llama_cpp
 import numpy as np
 
 from ovml.pipeline.caption_pool import dedup_key
@@ -34,6 +38,7 @@ from ovml.stages.generate_text import MAX_WORDS, _verify
 LABELS = ["dog", "cat", "car", "tree", "boat", "horse", "chair", "bicycle", "person", "beach", "bus", "bird",
           "table", "cup", "umbrella", "train", "flower", "bench", "kite", "sheep", "truck", "clock", "book",
           "bottle", "laptop", "pizza", "airplane", "cow", "mountain", "bridge"]
+BUILD = "avx512" if b"AVX512 = 1" in llama_cpp.llama_print_system_info() else "generic"
 SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=96, max_words=MAX_WORDS)  # generate-text's
 
 
@@ -85,8 +90,8 @@ def measure(name: str, backend, planned: list[PlannedPrompt], heads: bool = True
             seen.add(dedup_key(text))
             kept += 1
     seconds = time.perf_counter() - start
-    row = {"path": name, **fields, "prompts": len(planned), "kept": kept, "keep_rate": kept / len(planned),
-           "seconds": seconds, "kept_per_s": kept / seconds}
+    row = {"path": name, "build": BUILD, **fields, "prompts": len(planned), "kept": kept,
+           "keep_rate": kept / len(planned), "seconds": seconds, "kept_per_s": kept / seconds}
     print(json.dumps(row), flush=True)
     return row
 
@@ -132,6 +137,8 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=[None], help="GGUF files of the batched backend (default: "
                         "generate-text's, SmolLM2 in Q8_0)")
+    parser.add_argument("--sequences", type=int, nargs="+", default=[LlamaCppBackend.SEQUENCES],
+                        help="prompts the batched backend decodes together")
     parser.add_argument("--heads", nargs="+", choices=["yes", "no"], default=["yes"],
                         help="send each variant's head (its words before the labels, evaluated once) or not")
     args = parser.parse_args()
@@ -154,23 +161,26 @@ def main() -> None:
                 if n <= args.old_up_to:
                     rows.append(measure("one at a time", OneAtATimeBackend(SAMPLING), planned, False, threads=2,
                                         hogs=hogs))
-                for model, heads, threads in itertools.product(args.models, args.heads, args.threads):
+                for model, heads, threads, sequences in itertools.product(args.models, args.heads, args.threads,
+                                                                          args.sequences):
                     loaded = time.perf_counter()
-                    backend = LlamaCppBackend(model, SAMPLING, threads=threads)
+                    backend = type("Batched", (LlamaCppBackend,), {"SEQUENCES": sequences})(model, SAMPLING, threads)
                     print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
-                    rows.append(measure(f"batched {backend.model}" + (", heads" if heads == "yes" else ""), backend,
-                                        planned, heads == "yes", threads=threads, hogs=hogs))
+                    rows.append(measure(f"batched {backend.model}, {sequences} sequences" +
+                                        (", heads" if heads == "yes" else ""), backend, planned, heads == "yes",
+                                        threads=threads, hogs=hogs))
                     del backend
         except OvmlError as e:
             raise SystemExit(str(e)) from None
         finally:
             stop(processes)
-    print("| path | threads | busy loops beside | prompts | kept | keep rate | seconds | kept captions/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| path | llama.cpp build | threads | busy loops beside | prompts | kept | keep rate | seconds "
+          "| kept captions/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         label = r["path"] + (f" (concurrency {r['concurrency']})" if "concurrency" in r else "")
-        print(f"| {label} | {r['threads']} | {r['hogs']} | {r['prompts']} | {r['kept']} | {r['keep_rate']:.1%} "
-              f"| {r['seconds']:.1f} | {r['kept_per_s']:.2f} |")
+        print(f"| {label} | {r['build']} | {r['threads']} | {r['hogs']} | {r['prompts']} | {r['kept']} "
+              f"| {r['keep_rate']:.1%} | {r['seconds']:.1f} | {r['kept_per_s']:.2f} |")
 
 
 if __name__ == "__main__":
