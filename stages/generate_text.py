@@ -249,7 +249,7 @@ def _generate(cfg: GenerateTextConfig, engine, vocabulary: Vocabulary, recipe: s
                       "head": prompts.head(p.prompt_id), "seed": p.seed}
                      for k, chunk in missing.items() for i, p in enumerate(chunk)]
             answered = engine.map(LlmWorker, worker_args, items,
-                                  batch_size=LlmWorker.items_per_call(cfg.backend, cfg.concurrency))
+                                  batch_size=LlmWorker.items_per_call(cfg.backend, cfg.concurrency, cfg.threads))
             for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):
                 if path.exists():
                     table = read_part(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import sys
 import threading
 import types
@@ -267,3 +268,43 @@ def test_a_damaged_default_llm_says_to_delete_it_and_is_made_again(tmp_path, mon
         LlamaCppBackend(None, SAMPLING)
     made.unlink()
     assert default_gguf().read_bytes() == intact
+
+
+def describe_requests(n: int) -> list[ChatRequest]:
+    return [ChatRequest((("user", f"Describe animal number {i} in one sentence."),), seed=i) for i in range(n)]
+
+
+def test_a_lane_that_fails_raises_in_the_caller_and_the_other_lanes_stop(monkeypatch):
+    from ovml.pipeline import llm
+
+    decode, calls = llm._BatchDecoder.decode, []
+
+    def failing_decode(self, sequences):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OvmlError("llama.cpp failed to decode a batch")
+        return decode(self, sequences)
+
+    monkeypatch.setattr(llm._BatchDecoder, "decode", failing_decode)
+    backend, threads = LlamaCppBackend(None, SAMPLING, threads=2), threading.active_count()
+    with pytest.raises(OvmlError, match="failed to decode"):
+        list(backend.complete(describe_requests(8)))
+    assert threading.active_count() == threads  # no lane left running
+
+
+def test_an_abandoned_answer_stream_stops_its_lanes():
+    threads = threading.active_count()
+    answers = LlamaCppBackend(None, SAMPLING, threads=2).complete(describe_requests(40))
+    assert next(answers).startswith('{"caption": "')
+    assert threading.active_count() == threads + 2  # the lanes, still decoding the other 39
+    answers.close()
+    assert threading.active_count() == threads
+
+
+def test_llama_cpp_uses_the_cores_it_may_run_on_up_to_four(monkeypatch):
+    from ovml.pipeline.llm import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert default_threads() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert default_threads() == 1
