@@ -208,7 +208,7 @@ class GenerateTextConfig(EngineSettings):
     concurrency: int = option(4, "Requests in flight (openai).", fingerprint=False)
     threads: int | None = option(None, "CPU threads for llama-cpp, each decoding its own share of the prompts, so a "
                                  "core another program takes slows only its thread (docs/benchmarks.md). Answers do "
-                                 "not depend on it.", shown="the cores this process may use, up to 4",
+                                 "not depend on it.", shown="the cores this process may use, up to 4; 1 per Ray actor",
                                  fingerprint=False)
     temperature: float = option(0.8, "Sampling temperature.")
     top_p: float = option(0.95, "Nucleus sampling.")

@@ -218,8 +218,9 @@ def _generate(cfg: GenerateTextConfig, engine, vocabulary: Vocabulary, recipe: s
         tally.add_part(read_part(part, committed / part.name))
     # New parts go after every kept one; index mod num_shards stays the shard's, so shards never collide.
     base = math.ceil((max(map(part_index, kept), default=-1) + 1) / cfg.num_shards)
+    threads = cfg.threads or (1 if cfg.engine == "ray" else None)  # a Ray actor asks for one CPU
     worker_args = (cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body,
-                   cfg.threads, _longest_prompt(prompts, vocabulary.labels, cfg))
+                   threads, _longest_prompt(prompts, vocabulary.labels, cfg))
     dialects: set[str] = set()  # the structured-output dialects the OpenAI-compatible server took
     part = added = 0
     round_index = 0
@@ -249,7 +250,7 @@ def _generate(cfg: GenerateTextConfig, engine, vocabulary: Vocabulary, recipe: s
                       "head": prompts.head(p.prompt_id), "seed": p.seed}
                      for k, chunk in missing.items() for i, p in enumerate(chunk)]
             answered = engine.map(LlmWorker, worker_args, items,
-                                  batch_size=LlmWorker.items_per_call(cfg.backend, cfg.concurrency, cfg.threads))
+                                  batch_size=LlmWorker.items_per_call(cfg.backend, cfg.concurrency, threads))
             for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):
                 if path.exists():
                     table = read_part(path)

@@ -480,3 +480,25 @@ def test_a_part_merged_from_another_shard_and_then_edited_is_named_as_damage(tmp
     assert f"{tmp_path / 'shard0' / 'captions' / victim} was edited after generate-text wrote it" in \
         " ".join(result.output.split())
     assert caption_hashes(tmp_path / "shard0") == before
+
+
+@pytest.mark.parametrize("engine, threads, expected", [("local", None, None), ("ray", None, 1), ("ray", 3, 3)])
+def test_llama_cpp_threads_default_to_the_cores_but_to_one_per_ray_actor(tmp_path, labels_file, use_backend,
+                                                                          monkeypatch, engine, threads, expected):
+    """None lets the backend take the cores it may use; a Ray actor holds one CPU of Ray's, so it takes one."""
+    import inspect
+
+    from ovml.pipeline.engine import LocalEngine
+
+    opened = []
+
+    class RecordingEngine(LocalEngine):
+        def map(self, worker, args, items, **kwargs):
+            opened.append(inspect.signature(worker).bind(*args).arguments["threads"])
+            return super().map(worker, args, items, **kwargs)
+
+    monkeypatch.setattr(stage, "open_engine", lambda *args, **kwargs: RecordingEngine())
+    monkeypatch.setattr(stage, "check_engine", lambda name: None)  # no Ray needed to record what an actor gets
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run", engine=engine, threads=threads))
+    assert opened and set(opened) == {expected}
