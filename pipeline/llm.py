@@ -277,7 +277,7 @@ class LlamaCppBackend:
 
     def complete(self, requests: list[ChatRequest]) -> Iterator[str]:
         work = _Work([(i, *self._prepared(r), r.seed) for i, r in enumerate(requests)][::-1])  # pop() = in order
-        lanes = [threading.Thread(target=lane.run, args=(work,), daemon=True) for lane in self._lanes]
+        lanes = [threading.Thread(target=lane.run, args=(self, work), daemon=True) for lane in self._lanes]
         for thread in lanes:
             thread.start()
         try:
@@ -327,21 +327,20 @@ class _Lane:
     Lanes share the model's weights and take prompts from one queue; each has its own KV cache and prefix
     sequences. Threads of one llama.cpp context wait for each other at every operation, so one the OS parks
     (another process wants the core) stalls the rest; lanes never wait for each other, so a busy core slows
-    only its own lane (docs/benchmarks.md)."""
+    only its own lane (docs/benchmarks.md). A lane keeps no reference to its backend, so no cycle holds the
+    contexts' memory after the backend is dropped."""
 
     def __init__(self, backend: LlamaCppBackend, n_ctx: int):
-        self.backend = backend
         self.decoder = _BatchDecoder(backend._lib, backend._llm, backend.PREFIXES + backend.SEQUENCES, n_ctx, 1)
         self.prefixes: OrderedDict[tuple[int, ...], int] = OrderedDict()  # prefix tokens -> its sequence
 
-    def run(self, work: _Work) -> None:
+    def run(self, backend: LlamaCppBackend, work: _Work) -> None:
         try:
-            self._run(work)
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._run(backend, work)
+        except BaseException as error:  # handed to the consumer, which raises it
             work.fail(error)
 
-    def _run(self, work: _Work) -> None:
-        backend = self.backend
+    def _run(self, backend: LlamaCppBackend, work: _Work) -> None:
         free = list(range(backend.PREFIXES + backend.SEQUENCES - 1, backend.PREFIXES - 1, -1))  # after prefixes
         running: dict[int, tuple[int, _Sequence]] = {}
         try:
@@ -361,9 +360,9 @@ class _Lane:
                             break
                         work.waiting.pop()
                     if new_prefix:
-                        self._evaluate_prefix(prefix)
+                        self._evaluate_prefix(prefix, backend.PREFIXES)
                     slot = free.pop()
-                    running[slot] = (index, self._start(tokens, prefix, seed, slot))
+                    running[slot] = (index, self._start(tokens, prefix, backend._sampler(seed), slot))
                     copies += 1
                 if not running:
                     return
@@ -382,15 +381,15 @@ class _Lane:
             for _, sequence in running.values():
                 sequence.sampler.free()
 
-    def _start(self, tokens: list[int], prefix: list[int], seed: int, slot: int) -> _Sequence:
+    def _start(self, tokens: list[int], prefix: list[int], sampler: _SamplerChain, slot: int) -> _Sequence:
         """A prompt's sequence: its prefix copied into `slot`, the rest of the prompt still to decode."""
         self.decoder.copy(self.prefixes[tuple(prefix)], slot)
         self.prefixes.move_to_end(tuple(prefix))
-        return _Sequence(slot, len(prefix), tokens[len(prefix):], self.backend._sampler(seed))
+        return _Sequence(slot, len(prefix), tokens[len(prefix):], sampler)
 
-    def _evaluate_prefix(self, prefix: list[int]) -> None:
-        """`prefix` alone in a prefix sequence, in place of the least recently used one when all are taken."""
-        if len(self.prefixes) < self.backend.PREFIXES:
+    def _evaluate_prefix(self, prefix: list[int], kept: int) -> None:
+        """`prefix` alone in a prefix sequence, in place of the least recently used one when `kept` are taken."""
+        if len(self.prefixes) < kept:
             sequence = len(self.prefixes)
         else:
             _, sequence = self.prefixes.popitem(last=False)

@@ -308,3 +308,14 @@ def test_llama_cpp_uses_the_cores_it_may_run_on_up_to_four(monkeypatch):
     assert default_threads() == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert default_threads() == 1
+
+
+def test_a_dropped_backend_frees_its_model_at_once_not_at_the_next_garbage_collection():
+    """generate-text drops one model before loading the next; a reference cycle would keep both in memory."""
+    import weakref
+
+    backend = LlamaCppBackend(None, SAMPLING, threads=2)
+    list(backend.complete(describe_requests(2)))
+    dropped = weakref.ref(backend)
+    del backend
+    assert dropped() is None
