@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import threading
+import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -281,7 +282,7 @@ def test_a_lane_that_fails_raises_in_the_caller_and_the_other_lanes_stop(monkeyp
 
     def failing_decode(self, sequences):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == 1:  # the first step (any run makes one), whichever lane takes it
             raise OvmlError("llama.cpp failed to decode a batch")
         return decode(self, sequences)
 
@@ -292,13 +293,22 @@ def test_a_lane_that_fails_raises_in_the_caller_and_the_other_lanes_stop(monkeyp
     assert threading.active_count() == threads  # no lane left running
 
 
-def test_an_abandoned_answer_stream_stops_its_lanes():
+def test_an_abandoned_answer_stream_stops_its_lanes(monkeypatch):
+    """400 prompts: far more than the other lane can answer while the first one is (<= 32 tokens), so both lanes
+    are still decoding when the caller stops reading; closing the stream must stop and join them."""
+    from ovml.pipeline import llm
+
+    decode, steps = llm._BatchDecoder.decode, []
+    monkeypatch.setattr(llm._BatchDecoder, "decode", lambda self, sequences: steps.append(1) or decode(self, sequences))
     threads = threading.active_count()
-    answers = LlamaCppBackend(None, SAMPLING, threads=2).complete(describe_requests(40))
+    answers = LlamaCppBackend(None, SAMPLING, threads=2).complete(describe_requests(400))
     assert next(answers).startswith('{"caption": "')
-    assert threading.active_count() == threads + 2  # the lanes, still decoding the other 39
+    assert threading.active_count() == threads + 2
     answers.close()
     assert threading.active_count() == threads
+    stopped_at = len(steps)
+    time.sleep(0.2)
+    assert len(steps) == stopped_at  # nothing decodes after close()
 
 
 def test_llama_cpp_uses_the_cores_it_may_run_on_up_to_four(monkeypatch):
