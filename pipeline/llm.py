@@ -128,9 +128,15 @@ def requantize(source: Path, target: Path, ftype: str = "MOSTLY_Q8_0") -> None:
         raise OvmlError(f"cannot make the default LLM {target} ({e.strerror or e}); {fix}") from None
 
 
-def default_threads() -> int:
-    """llama-cpp's threads when --threads is not given: the cores this process may use, up to 4 (measured on 2)."""
-    return min(len(os.sched_getaffinity(0)), 4)
+def llama_cpp_threads(threads: int | None, on_ray: bool) -> int:
+    """--threads as llama-cpp runs it: as given, else the cores this process may use up to 4 (measured on 2), and 1
+    in a Ray actor, which holds one of Ray's CPUs. Each thread is a llama.cpp context of its own (~250 MB of KV
+    cache) and more than the cores only share them, so more is refused here (a Ray actor's cores are not known)."""
+    cores = len(os.sched_getaffinity(0))
+    if threads and threads > cores and not on_ray:
+        raise OvmlError(f"--threads {threads} is more than the {cores} CPU cores this process may use (each thread "
+                        f"is a llama.cpp context of its own, ~250 MB); use --threads {cores} or fewer")
+    return threads or (1 if on_ray else min(cores, 4))
 
 
 def _llama_cpp():
@@ -191,7 +197,7 @@ class LlamaCppBackend:
     MIN_P = 0.05  # llama-cpp-python's create_completion defaults, which this backend used before batching
     TOP_K = 40
 
-    def __init__(self, model: str | None, sampling: Sampling, threads: int | None = None, n_ctx: int = 512):
+    def __init__(self, model: str | None, sampling: Sampling, threads: int = 1, n_ctx: int = 512):
         llama_cpp = _llama_cpp()
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -212,7 +218,7 @@ class LlamaCppBackend:
                                            bos_token=self._token_text(self._llm.token_bos()))
         self._lib = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self._lanes = [_Lane(self, n_ctx) for _ in range(threads or default_threads())]
+        self._lanes = [_Lane(self, n_ctx) for _ in range(threads)]
 
     def _token_text(self, token: int) -> str:
         """A special token's text ("<|im_end|>"), through llama-cpp-python's public detokenize."""
@@ -662,7 +668,7 @@ class VllmBackend:
 
 
 def open_backend(backend: str, model: str | None, base_url: str | None, sampling: Sampling,
-                 concurrency: int, extra_body: dict | None = None, threads: int | None = None) -> LlmBackend:
+                 concurrency: int, extra_body: dict | None = None, threads: int = 1) -> LlmBackend:
     if backend == "llama-cpp":
         return LlamaCppBackend(model, sampling, threads)
     if backend == "openai":
@@ -689,7 +695,7 @@ class LlmWorker:
     """
 
     def __init__(self, backend: str, model: str | None, base_url: str | None, sampling: Sampling,
-                 concurrency: int, extra_body: dict | None, threads: int | None, longest: LongestPrompt | None):
+                 concurrency: int, extra_body: dict | None, threads: int, longest: LongestPrompt | None):
         self.backend = open_backend(backend, model, base_url, sampling, concurrency, extra_body, threads)
         if longest is not None and hasattr(self.backend, "tokens_needed"):
             need = self.backend.tokens_needed(longest.request)
@@ -701,9 +707,9 @@ class LlmWorker:
                     "or --max-tokens")
 
     @staticmethod
-    def items_per_call(backend: str, concurrency: int, threads: int | None) -> int:
+    def items_per_call(backend: str, concurrency: int, threads: int) -> int:
         """Requests an actor answers together: the server's concurrency, or llama.cpp's decoding slots."""
-        return concurrency if backend == "openai" else LlamaCppBackend.SEQUENCES * (threads or default_threads())
+        return concurrency if backend == "openai" else LlamaCppBackend.SEQUENCES * threads
 
     def __call__(self, batch) -> Iterator:
         import pyarrow as pa

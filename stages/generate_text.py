@@ -10,12 +10,12 @@ apart (part number = shard_index mod num_shards), so their captions/ folders mer
 The caption pool only grows unless asked. The settings that change how a caption is made form its recipe:
 backend, model (the default's file name when none is given), prompts file, temperature, top_p, max_tokens,
 sampling (and its co-occurrence file or CLIP model), min/max labels, the vocabulary, seed and extra_body; how many
-captions (per_label) and who makes them (base_url,
-concurrency, threads, max_rounds, part_size) are not part of it, and base_url, concurrency, threads, max_rounds
-and part_size do not even make the stage run again. Raising --per-label tops the pool up, lowering it keeps every
-row; only --force deletes captions (it builds a new pool from nothing, which replaces the old one when complete;
-a killed --force attempt is never resumed by a plain run). The pool's rules (recipe stamps, the archive, edited
-parts) are in pipeline/caption_pool.py; what is asked of the LLM in pipeline/caption_prompts.py.
+captions (per_label) and who makes them (base_url, concurrency, threads, max_rounds, part_size) are not part of
+it, and base_url, concurrency, threads, max_rounds and part_size do not even make the stage run again. Raising
+--per-label tops the pool up, lowering it keeps every row; only --force deletes captions (it builds a new pool
+from nothing, which replaces the old one when complete; a killed --force attempt is never resumed by a plain
+run). The pool's rules (recipe stamps, the archive, edited parts) are in pipeline/caption_pool.py; what is asked
+of the LLM in pipeline/caption_prompts.py.
 """
 
 from __future__ import annotations
@@ -60,7 +60,16 @@ from ovml.pipeline.caption_prompts import (
 )
 from ovml.pipeline.engine import UNIT, check_engine, open_engine
 from ovml.pipeline.errors import OvmlError
-from ovml.pipeline.llm import SMOLLM2_GGUF, ChatRequest, LlmWorker, LongestPrompt, Sampling, check_gguf, parse_caption
+from ovml.pipeline.llm import (
+    SMOLLM2_GGUF,
+    ChatRequest,
+    LlmWorker,
+    LongestPrompt,
+    Sampling,
+    check_gguf,
+    llama_cpp_threads,
+    parse_caption,
+)
 from ovml.pipeline.paths import input_file
 from ovml.pipeline.progress import progress_bar
 from ovml.pipeline.rundir import RunDir, StageOutcome, run_stage
@@ -125,6 +134,7 @@ def check(cfg: GenerateTextConfig) -> Vocabulary:
     check_engine(cfg.engine)
     if cfg.backend == "llama-cpp":
         check_gguf(cfg.model)
+        llama_cpp_threads(cfg.threads, cfg.engine == "ray")
     if cfg.sampling == "cooccurrence":
         tag_file = "a tag file, one image per line, labels separated by commas"
         if not cfg.cooccurrence:
@@ -218,7 +228,7 @@ def _generate(cfg: GenerateTextConfig, engine, vocabulary: Vocabulary, recipe: s
         tally.add_part(read_part(part, committed / part.name))
     # New parts go after every kept one; index mod num_shards stays the shard's, so shards never collide.
     base = math.ceil((max(map(part_index, kept), default=-1) + 1) / cfg.num_shards)
-    threads = cfg.threads or (1 if cfg.engine == "ray" else None)  # a Ray actor asks for one CPU
+    threads = llama_cpp_threads(cfg.threads, cfg.engine == "ray")
     worker_args = (cfg.backend, cfg.model, cfg.base_url, _sampling(cfg), cfg.concurrency, cfg.extra_body,
                    threads, _longest_prompt(prompts, vocabulary.labels, cfg))
     dialects: set[str] = set()  # the structured-output dialects the OpenAI-compatible server took

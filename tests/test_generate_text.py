@@ -482,11 +482,14 @@ def test_a_part_merged_from_another_shard_and_then_edited_is_named_as_damage(tmp
     assert caption_hashes(tmp_path / "shard0") == before
 
 
-@pytest.mark.parametrize("engine, threads, expected", [("local", None, None), ("ray", None, 1), ("ray", 3, 3)])
+@pytest.mark.parametrize("engine, threads, expected", [("local", None, 3), ("local", 2, 2), ("ray", None, 1),
+                                                     ("ray", 5, 5)])
 def test_llama_cpp_threads_default_to_the_cores_but_to_one_per_ray_actor(tmp_path, labels_file, use_backend,
                                                                           monkeypatch, engine, threads, expected):
-    """None lets the backend take the cores it may use; a Ray actor holds one CPU of Ray's, so it takes one."""
+    """With 3 cores: the local engine's backend takes them all unless told; a Ray actor holds one CPU of Ray's, so
+    it takes one (and may be told more than the driver has: the actor's machine is another)."""
     import inspect
+    import os
 
     from ovml.pipeline.engine import LocalEngine
 
@@ -497,8 +500,20 @@ def test_llama_cpp_threads_default_to_the_cores_but_to_one_per_ray_actor(tmp_pat
             opened.append(inspect.signature(worker).bind(*args).arguments["threads"])
             return super().map(worker, args, items, **kwargs)
 
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr(stage, "open_engine", lambda *args, **kwargs: RecordingEngine())
     monkeypatch.setattr(stage, "check_engine", lambda name: None)  # no Ray needed to record what an actor gets
     use_backend(ScriptedBackend(faithful))
     stage.generate_text(config(labels_file, tmp_path / "run", engine=engine, threads=threads))
     assert opened and set(opened) == {expected}
+
+
+def test_more_threads_than_cores_fails_before_the_stage_starts_leaving_the_pool_intact(tmp_path, labels_file,
+                                                                                      use_backend):
+    use_backend(ScriptedBackend(faithful))
+    stage.generate_text(config(labels_file, tmp_path / "run"))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    result = CliRunner().invoke(cli.app, ["generate-text", "--run-dir", str(tmp_path / "run"), "--labels",
+                                          str(labels_file), "--per-label", "5", "--threads", "10000"])
+    assert result.exit_code == 2 and "use --threads" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before

@@ -312,12 +312,23 @@ def test_an_abandoned_answer_stream_stops_its_lanes(monkeypatch):
 
 
 def test_llama_cpp_uses_the_cores_it_may_run_on_up_to_four(monkeypatch):
-    from ovml.pipeline.llm import default_threads
+    from ovml.pipeline.llm import llama_cpp_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert default_threads() == 4
+    assert llama_cpp_threads(None, on_ray=False) == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
-    assert default_threads() == 1
+    assert llama_cpp_threads(None, on_ray=False) == 1
+
+
+def test_more_llama_cpp_threads_than_cores_is_a_one_line_error_naming_the_most(monkeypatch):
+    """Each thread is a context with its own KV cache: 200 of them exhausted this machine's 24 GB."""
+    from ovml.pipeline.llm import llama_cpp_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(OvmlError, match="use --threads 2 or fewer") as error:
+        llama_cpp_threads(3, on_ray=False)
+    assert "\n" not in str(error.value)
+    assert llama_cpp_threads(3, on_ray=True) == 3  # an actor's cores are not known in the driver
 
 
 def test_a_dropped_backend_frees_its_model_at_once_not_at_the_next_garbage_collection():
