@@ -240,9 +240,16 @@ class LlamaCppBackend:
         """Tokens one prompt and its answer may take (each sequence has this much KV cache)."""
         return self._lanes[0].decoder.context
 
-    def tokens_needed(self, request: ChatRequest) -> int:
-        """Context the request takes: its prompt's tokens plus room for --max-tokens of answer."""
-        return len(self._tokens(self._prompt(request))) + self.sampling.max_tokens
+    def check_fits(self, request: ChatRequest, culprit: str = "a prompt") -> list[int]:
+        """The prompt's tokens, or the one-line error of a prompt that with --max-tokens of answer overflows a
+        sequence's context (checked once up front for the longest prompt, and again for each prompt)."""
+        tokens = self._tokens(self._prompt(request))
+        need = len(tokens) + self.sampling.max_tokens
+        if need > self.context:
+            raise OvmlError(f"{culprit} needs {need} tokens with --max-tokens {self.sampling.max_tokens}, more than "
+                            f"the model's {self.context}-token context; shorten the longest labels, or lower "
+                            "--max-labels or --max-tokens")
+        return tokens
 
     def _sampler(self, seed: int):
         """The sampler chain llama-cpp-python's create_completion built (top-k, top-p, min-p, temperature)."""
@@ -259,11 +266,7 @@ class LlamaCppBackend:
 
     def _prepared(self, request: ChatRequest) -> tuple[list[int], list[int]]:
         """(prompt tokens, shared prefix), or the one-line error of a prompt too long for the context."""
-        tokens = self._tokens(self._prompt(request))
-        if len(tokens) + self.sampling.max_tokens > self.context:
-            raise OvmlError(f"a prompt needs {len(tokens) + self.sampling.max_tokens} tokens with --max-tokens "
-                            f"{self.sampling.max_tokens}, more than the model's {self.context}-token context; "
-                            "shorten the longest labels, or lower --max-labels or --max-tokens")
+        tokens = self.check_fits(request)
         return tokens, self._shared_prefix(request, tokens)
 
     def _finish(self, sequence: _Sequence, token: int) -> str | None:
@@ -697,14 +700,9 @@ class LlmWorker:
     def __init__(self, backend: str, model: str | None, base_url: str | None, sampling: Sampling,
                  concurrency: int, extra_body: dict | None, threads: int, longest: LongestPrompt | None):
         self.backend = open_backend(backend, model, base_url, sampling, concurrency, extra_body, threads)
-        if longest is not None and hasattr(self.backend, "tokens_needed"):
-            need = self.backend.tokens_needed(longest.request)
-            if need > self.backend.context:
-                raise OvmlError(
-                    f"a prompt naming the longest labels (such as {longest.label[:40]!r}..., {len(longest.label)} "
-                    f"characters) needs {need} tokens with --max-tokens {sampling.max_tokens}, more than the "
-                    f"model's {self.backend.context}-token context; shorten those labels, or lower --max-labels "
-                    "or --max-tokens")
+        if longest is not None and hasattr(self.backend, "check_fits"):
+            self.backend.check_fits(longest.request, f"a prompt naming the longest labels (such as "
+                                                     f"{longest.label[:40]!r}..., {len(longest.label)} characters)")
 
     @staticmethod
     def items_per_call(backend: str, concurrency: int, threads: int) -> int:
