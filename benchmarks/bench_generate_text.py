@@ -139,6 +139,8 @@ def main() -> None:
                         "generate-text's, SmolLM2 in Q8_0)")
     parser.add_argument("--sequences", type=int, nargs="+", default=[LlamaCppBackend.SEQUENCES],
                         help="prompts the batched backend decodes together")
+    parser.add_argument("--repeat-penalties", type=float, nargs="+", default=[LlamaCppBackend.REPEAT_PENALTY],
+                        help="the batched backend's repeat penalty (1.0: none, as before it had one)")
     parser.add_argument("--heads", nargs="+", choices=["yes", "no"], default=["yes"],
                         help="send each variant's head (its words before the labels, evaluated once) or not")
     args = parser.parse_args()
@@ -161,14 +163,15 @@ def main() -> None:
                 if n <= args.old_up_to:
                     rows.append(measure("one at a time", OneAtATimeBackend(SAMPLING), planned, False, threads=2,
                                         hogs=hogs))
-                for model, heads, threads, sequences in itertools.product(args.models, args.heads, args.threads,
-                                                                          args.sequences):
+                for model, heads, threads, sequences, penalty in itertools.product(
+                        args.models, args.heads, args.threads, args.sequences, args.repeat_penalties):
                     loaded = time.perf_counter()
-                    backend = type("Batched", (LlamaCppBackend,), {"SEQUENCES": sequences})(model, SAMPLING, threads)
+                    backend = type("Batched", (LlamaCppBackend,), {"SEQUENCES": sequences, "REPEAT_PENALTY": penalty})(
+                        model, SAMPLING, threads)
                     print(f"model load {time.perf_counter() - loaded:.2f} s", file=sys.stderr)
                     rows.append(measure(f"batched {backend.model}, {sequences} sequences" +
-                                        (", heads" if heads == "yes" else ""), backend, planned, heads == "yes",
-                                        threads=threads, hogs=hogs))
+                                        (", heads" if heads == "yes" else "") + f", repeat penalty {penalty}",
+                                        backend, planned, heads == "yes", threads=threads, hogs=hogs))
                     del backend
         except OvmlError as e:
             raise SystemExit(str(e)) from None

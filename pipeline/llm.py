@@ -196,6 +196,8 @@ class LlamaCppBackend:
     PREFIXES = 6  # prefix sequences kept (the least recently used one is evaluated again): caption_prompts has 5
     MIN_P = 0.05  # llama-cpp-python's create_completion defaults, which this backend used before batching
     TOP_K = 40
+    REPEAT_PENALTY = 1.1  # llama_cpp.server's default, on the answer's last 64 tokens: far fewer answers loop until
+    REPEAT_LAST_N = 64    # too long (keep rate 79.5 -> 92.8 %: docs/benchmarks.md "A repeat penalty")
 
     def __init__(self, model: str | None, sampling: Sampling, threads: int = 1, n_ctx: int = 512):
         llama_cpp = _llama_cpp()
@@ -252,12 +254,16 @@ class LlamaCppBackend:
         return tokens
 
     def _sampler(self, seed: int):
-        """The sampler chain llama-cpp-python's create_completion built (top-k, top-p, min-p, temperature)."""
+        """create_completion's sampler chain (top-k, top-p, min-p, temperature) with llama_cpp.server's repeat
+        penalty after top-k."""
         lib, chain = self._lib, _SamplerChain(self._lib)
         if self.sampling.temperature <= 0:
             chain.add(lib.llama_sampler_init_greedy())
             return chain
         chain.add(lib.llama_sampler_init_top_k(self.TOP_K))
+        if self.REPEAT_PENALTY != 1.0:  # after top-k, as llama.h advises: on the whole vocabulary it is slow
+            chain.add(lib.llama_sampler_init_penalties(lib.llama_vocab_n_tokens(self._vocab), self.REPEAT_LAST_N,
+                                                       self.REPEAT_PENALTY, 0.0, 0.0))
         chain.add(lib.llama_sampler_init_top_p(self.sampling.top_p, 1))
         chain.add(lib.llama_sampler_init_min_p(self.MIN_P, 1))
         chain.add(lib.llama_sampler_init_temp(self.sampling.temperature))
