@@ -275,6 +275,17 @@ def describe_requests(n: int) -> list[ChatRequest]:
     return [ChatRequest((("user", f"Describe animal number {i} in one sentence."),), seed=i) for i in range(n)]
 
 
+def test_the_sampler_penalizes_tokens_the_answer_already_used():
+    """Far above the default 1.1, the repeat penalty leaves few repeated tokens where none leaves many: the
+    penalty is in every sequence's chain and sees each sampled token."""
+    def repeated_tokens(penalty: float) -> int:
+        backend = type("Penalized", (LlamaCppBackend,), {"REPEAT_PENALTY": penalty})(None, SAMPLING)
+        answers = [backend._tokens(answer) for answer in backend.complete(describe_requests(16))]
+        return sum(len(tokens) - len(set(tokens)) for tokens in answers)
+
+    assert repeated_tokens(50.0) < repeated_tokens(1.0) / 4
+
+
 def test_a_lane_that_fails_raises_in_the_caller_and_the_other_lanes_stop(monkeypatch):
     from ovml.pipeline import llm
 
