@@ -9,7 +9,7 @@ install: $(STAMP)
 
 # llama.cpp's CPU kernels are fixed when llama-cpp-python is compiled: generic x86-64 (AVX2) everywhere, plus the
 # CPU's AVX512 with VNNI, VBMI and BF16 where /proc/cpuinfo has them all (generate-text ~1.1x faster there:
-# docs/benchmarks.md). Never GGML_NATIVE (its build crashed on the first decode here, per the environment notes).
+# docs/benchmarks.md). Not GGML_NATIVE: its wheel fits only the CPU that built it (docs/operations.md).
 # pip's wheel cache keys on the version, not CMAKE_ARGS, so the wheel is built once per kind into
 # ~/.cache/ovml/wheels/ and installed from there, before anything can pull in a cached wheel of the other kind.
 AVX512_FLAGS := avx512f avx512cd avx512vl avx512dq avx512bw avx512_vnni avx512vbmi avx512_bf16
