@@ -48,6 +48,7 @@ from ovml.pipeline.clip import ClipSpec, load_clip
 from ovml.pipeline.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, read_fashion_mnist_split
 from ovml.pipeline.image_cache import read_image_cache
 from ovml.pipeline.label_embeddings import label_embeddings
+from ovml.pipeline.llm import LlamaCppBackend
 from ovml.pipeline.metrics import evaluate_scores
 from ovml.pipeline.probe import WEIGHT_DECAYS, fit_ceiling, headroom_recovered
 from ovml.pipeline.testbed import GRAMMAR_FILE, CaptionGrammar, TestbedConfig, train_testbed
@@ -98,6 +99,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/accuracy"))
     parser.add_argument("--root", default=str(FASHION_MNIST_ROOT))
     parser.add_argument("--out", type=Path, default=Path("docs/accuracy/results.json"))
+    parser.add_argument("--pool-seed", type=int, default=0, help="generate-text's --seed for the LLM pools (another "
+                        "seed, another pool: the spread between pools of one recipe)")
+    parser.add_argument("--repeat-penalty", type=float, default=LlamaCppBackend.REPEAT_PENALTY,
+                        help="the in-process LLM's repeat penalty for new LLM pools (1.0: none, as before 2026-12-08)")
     parser.add_argument("--finished-only", action="store_true", help="no new work: tables of the runs already "
                         "finished under --work (a partial grid, e.g. at a deadline)")
     args = parser.parse_args()
@@ -107,8 +112,9 @@ def main() -> None:
         sys.exit(f"unknown --variants {sorted(unknown)}; choose among {list(VARIANTS)}")
 
     args.work.mkdir(parents=True, exist_ok=True)
+    LlamaCppBackend.REPEAT_PENALTY = args.repeat_penalty  # generate-text runs its LLM in this process
     pools = {(vocabulary, source): args.work / f"pool-{vocabulary}-{source}" if args.finished_only
-             else caption_pool(args.work, vocabulary, source, max(args.counts))
+             else caption_pool(args.work, vocabulary, source, max(args.counts), args.pool_seed)
              for vocabulary in args.vocabularies for source in args.sources}
     references, results = {}, []
     for spec in args.testbeds:
@@ -240,7 +246,7 @@ def vocabulary_file(work: Path, vocabulary: str) -> Path:
     return path
 
 
-def caption_pool(work: Path, vocabulary: str, source: str, count: int) -> Path:
+def caption_pool(work: Path, vocabulary: str, source: str, count: int, seed: int = 0) -> Path:
     """A run dir whose captions/ holds at least `count` captions, first ones first (top-up only appends)."""
     labels_file = vocabulary_file(work, vocabulary)
     run_dir = work / f"pool-{vocabulary}-{source}"
@@ -251,7 +257,7 @@ def caption_pool(work: Path, vocabulary: str, source: str, count: int) -> Path:
     per_label = math.ceil(count * 1.8 / len(labels) / 2)  # about half the count first: the curve's small end
     while True:
         outcome = generate_text(GenerateTextConfig(run_dir=run_dir, labels=str(labels_file), per_label=per_label,
-                                                   max_labels=3, seed=0))
+                                                   max_labels=3, seed=seed))
         print(outcome, flush=True)
         kept = sum(pq.ParquetFile(p).metadata.num_rows for p in caption_parts(run_dir))
         if kept >= count:
