@@ -196,8 +196,11 @@ class LlamaCppBackend:
     PREFIXES = 6  # prefix sequences kept (the least recently used one is evaluated again): caption_prompts has 5
     MIN_P = 0.05  # llama-cpp-python's create_completion defaults, which this backend used before batching
     TOP_K = 40
-    REPEAT_PENALTY = 1.1  # llama_cpp.server's default, on the answer's last 64 tokens: far fewer answers loop until
-    REPEAT_LAST_N = 64    # too long (keep rate 79.5 -> 92.8 %: docs/benchmarks.md "A repeat penalty")
+    # On the answer's last 64 tokens (llama_cpp.server's window; its default is 1.1): far fewer answers loop until
+    # too long (keep rate 79.5 -> 92.2 %, docs/benchmarks.md "A repeat penalty"); 1.05 rather than 1.1 because its
+    # captions trained better adapters at 100-300 (validation mosaics, docs/accuracy.md "A repeat penalty").
+    REPEAT_PENALTY = 1.05
+    REPEAT_LAST_N = 64
 
     def __init__(self, model: str | None, sampling: Sampling, threads: int = 1, n_ctx: int = 512):
         llama_cpp = _llama_cpp()
@@ -254,8 +257,7 @@ class LlamaCppBackend:
         return tokens
 
     def _sampler(self, seed: int):
-        """create_completion's sampler chain (top-k, top-p, min-p, temperature) with llama_cpp.server's repeat
-        penalty after top-k."""
+        """create_completion's sampler chain (top-k, top-p, min-p, temperature) with a repeat penalty after top-k."""
         lib, chain = self._lib, _SamplerChain(self._lib)
         if self.sampling.temperature <= 0:
             chain.add(lib.llama_sampler_init_greedy())
