@@ -80,6 +80,7 @@ def parse_vocabulary(text: str, source: str = "labels file") -> Vocabulary:
     labels: list[str] = []
     synonyms: dict[str, list[str]] = {}
     seen: dict[str, int] = {}
+    meaning: dict[str, tuple[str, int]] = {}  # each name, label or synonym, -> (its label, its line)
     for line_no, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -100,6 +101,11 @@ def parse_vocabulary(text: str, source: str = "labels file") -> Vocabulary:
             raise OvmlError(f"{source} line {line_no}: empty synonym; separate synonyms with single commas")
         if any(names):
             synonyms[label] = names
+        for name in [label, *(n for n in names if n)]:
+            other, other_line = meaning.setdefault(name.lower(), (label, line_no))
+            if other.lower() != key:  # one name for two labels: every mention would count for whichever won
+                raise OvmlError(f"{source} line {line_no}: '{name}' already names label '{other}' (line "
+                                f"{other_line}); a name may stand for one label only, so drop one of them")
     if not labels:
         raise OvmlError(f"{source} has no labels; write one label per line")
     return Vocabulary(labels, synonyms)

@@ -26,6 +26,16 @@ def test_duplicate_label_is_an_error_naming_both_lines():
         parse_vocabulary("dog\ncat\nDog: puppy\n")
 
 
+@pytest.mark.parametrize("text", ["cat\ndog: cat\n", "dog: cat\ncat\n", "dog: pup\nwolf: Pup\n"])
+def test_a_name_that_stands_for_two_labels_is_an_error(text):
+    with pytest.raises(OvmlError, match="already names label .*a name may stand for one label only"):
+        parse_vocabulary(text)
+
+
+def test_a_synonym_may_repeat_its_own_label():
+    assert parse_vocabulary("dog: Dog, puppy\n").synonyms == {"dog": ["Dog", "puppy"]}
+
+
 def test_empty_synonym_is_an_error():
     with pytest.raises(OvmlError, match="empty synonym"):
         parse_vocabulary("dog: puppy,,hound\n")
