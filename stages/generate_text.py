@@ -307,8 +307,16 @@ def _answers(tables: Iterator[pa.Table], dialects: set[str]) -> Iterator[dict]:
 
 
 def _stalled(tally: ShardTally, target: int, cfg: GenerateTextConfig) -> OvmlError:
+    """The labels still short, what became of the answers, and the fix for the commonest drop."""
     short = sorted(tally.shortfall(target))
     names = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+    dropped = {reason: n for reason, n in tally.dropped.items() if n}
+    counts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(dropped.items(), key=lambda x: -x[1]))
+    if dropped.get("unparseable", 0) > tally.kept:  # answers cut off at --max-tokens are unterminated
+        fix = f"most answers were cut off: raise --max-tokens (now {cfg.max_tokens}) and run again"
+    else:
+        fix = ("the model rarely mentions them: add synonyms to the labels file, lower --per-label or raise "
+               "--max-rounds, then run again to resume")
     return OvmlError(f"after {cfg.max_rounds} rounds, {len(short)} labels still have fewer than {target} kept "
-                     f"captions ({names}); the model rarely mentions them: add synonyms to the labels file, "
-                     "lower --per-label or raise --max-rounds, then run again to resume")
+                     f"captions ({names}); {tally.kept} of {tally.requested} answers kept"
+                     + (f" (dropped: {counts})" if counts else "") + f"; {fix}")

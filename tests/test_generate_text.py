@@ -210,6 +210,13 @@ def test_a_label_the_model_never_mentions_stops_after_max_rounds(tmp_path, label
         stage.generate_text(config(labels_file, tmp_path / "run", max_rounds=3))
 
 
+def test_a_run_whose_answers_are_cut_off_says_to_raise_max_tokens(tmp_path, labels_file, use_backend):
+    use_backend(ScriptedBackend(lambda labels, seed: '{"caption": "A ' + labels[0]))  # unterminated, as cut off
+    with pytest.raises(OvmlError, match=r"0 of \d+ answers kept \(dropped: \d+ unparseable\); most answers were "
+                                        r"cut off: raise --max-tokens \(now \d+\)"):
+        stage.generate_text(config(labels_file, tmp_path / "run", max_rounds=2))
+
+
 def test_cooccurrence_sampling_pairs_labels_seen_together(tmp_path, labels_file, use_backend):
     tags = tmp_path / "tags.txt"
     tags.write_text("dog, cat\ncar, tree\nboat, horse\nchair, bicycle\ndog,cat,unknown tag\n", encoding="utf-8")
