@@ -123,15 +123,16 @@ def run(cfg: RunConfig, config_path: Path | None, summary: dict[str, Any], conso
     config error and every stage's check, before any work."""
     file_data = read_config_file(config_path)
     source = str(config_path or "config")
-    created = not cfg.run_dir.exists()
+    missing = [d for d in (cfg.run_dir, *cfg.run_dir.parents) if not d.exists()]  # innermost first
     with lock_run_dir(cfg.run_dir, f"ovml run --config {config_path}"):
         try:
             plan = _checked_plan(cfg, file_data, source, summary)
         except OvmlError:
-            if created:  # a refused start leaves no run directory behind
+            if missing:  # a refused start leaves no folder behind, its parents (runs/) included
                 with contextlib.suppress(OSError):
                     (cfg.run_dir / LOCK).unlink()
-                    cfg.run_dir.rmdir()
+                    for folder in missing:
+                        folder.rmdir()
             raise
         return _run_plan(cfg, config_path, plan, summary, console)
 

@@ -123,6 +123,15 @@ def test_second_run_on_the_same_run_dir_exits_75_naming_the_holder(shared, tiny_
         first.wait()
 
 
+def test_a_refused_start_leaves_no_folder_behind(tmp_path):
+    config = tmp_path / "ovml.toml"
+    config.write_text(f'run_dir = "{tmp_path / "runs" / "nested" / "run"}"\n\n[generate_text]\n'
+                      f'labels = "{tmp_path / "missing.txt"}"\n')
+    result = ovml_run(config)
+    assert result.returncode == 2 and "missing.txt does not exist" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_run_then_rerun_skips_every_stage_and_reports_metrics(shared, tiny_clip):
     workdir, config = workdir_with_captions(shared, "rerun", tiny_clip)
     first = ovml_run(config)
