@@ -27,7 +27,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ovml.pipeline.artifacts import image_cache
 from ovml.pipeline.config import build_config, read_config_file
+from ovml.pipeline.datasets import cache_name
 from ovml.pipeline.errors import EXIT_OK, EXIT_STAGE_FAILED, OvmlError, environment_error
 from ovml.pipeline.logs import open_log, write_traceback
 from ovml.pipeline.rundir import LOCK, lock_run_dir
@@ -148,15 +150,29 @@ def _checked_plan(cfg: RunConfig, file_data: dict, source: str, summary: dict[st
         if section == "eval" and "dataset" not in file_data.get("eval", {}):
             overrides["dataset"] = file_data.get("embed_images", {}).get("dataset")
         plan.append((section, build_config(config_cls, section, file_data, overrides, source=source), entry, check))
+    configs = {section: stage_cfg for section, stage_cfg, _, _ in plan}
     for section, stage_cfg, _, check in plan:
         try:
             if stage_cfg is not None:
                 check(stage_cfg)
+            if section == "eval" and stage_cfg is not None:
+                _check_eval_images(stage_cfg, configs["embed_images"])
         except OvmlError as e:
             summary["stages"].append({"stage": section.replace("_", "-"), "status": "failed",
                                       "reason": f"checked before any stage ran: {e}", "seconds": 0.0})
             raise
     return [(section, stage_cfg, entry) for section, stage_cfg, entry, _ in plan]
+
+
+def _check_eval_images(evaluation, embedding) -> None:
+    """eval reads images/<dataset>/: made by this run's [embed_images] or already there, else no LLM time is spent."""
+    if embedding is not None and cache_name(embedding.dataset, embedding.split) == evaluation.dataset:
+        return
+    cache = Path(evaluation.run_dir) / image_cache(evaluation.dataset)
+    if not (cache / "dataset.json").is_file():
+        raise OvmlError(f"[eval] scores the {evaluation.dataset} images, and {cache} holds no image cache that "
+                        f"[embed_images] would make; add an [embed_images] section with dataset = "
+                        f"\"{evaluation.dataset}\" and its root (or run `ovml embed-images` first)")
 
 
 def _run_plan(cfg: RunConfig, config_path: Path | None, plan: list, summary: dict[str, Any], console: Console) -> int:

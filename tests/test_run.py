@@ -132,6 +132,17 @@ def test_a_refused_start_leaves_no_folder_behind(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_eval_of_images_nothing_embeds_is_refused_before_any_stage(tmp_path, tiny_clip):
+    config = tmp_path / "ovml.toml"
+    (tmp_path / "labels.txt").write_text("dog\ncat\n")
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\nclip = "{tiny_clip}"\n\n[generate_text]\nlabels = "{tmp_path / "labels.txt"}"\n'
+                      '\n[eval]\ndataset = "folder"\n')
+    result = ovml_run(config)
+    assert result.returncode == 2 and "add an [embed_images] section" in result.stderr
+    assert [s["status"] for s in summary_of(result)["stages"]] == ["failed"]  # eval's check; nothing ran
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_then_rerun_skips_every_stage_and_reports_metrics(shared, tiny_clip):
     workdir, config = workdir_with_captions(shared, "rerun", tiny_clip)
     first = ovml_run(config)
