@@ -408,5 +408,6 @@ STAGES = (
           "--clip ovml-testbed:PATH. Its numbers are the testbed's, never comparable with published CLIP results."),
     Stage("run", RunConfig, "ovml.stages.run:run",
           "Run every configured stage in order, skipping up-to-date ones; locked, resumable, cron-safe.\n\n"
-          "Exit codes: 0 ok, 1 a stage failed, 2 usage or config error, 75 another run holds the run directory."),
+          "Exit codes: 0 ok, 1 a stage failed, 2 usage or config error, 75 another run holds the run directory, "
+          "128 + the signal's number when stopped by one (129 SIGHUP, 130 Ctrl-C, 143 SIGTERM)."),
 )
