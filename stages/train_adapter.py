@@ -178,7 +178,8 @@ def _read_training_data(run_dir: RunDir, store_dtype: str, local: bool) -> Train
     label_templates = (labels.schema.metadata or {}).get(b"templates", b"pool").decode()
     if labels.column("label").to_pylist() != vocabulary:
         raise OvmlError(f"{run_dir / TRAIN_LABELS} does not list the labels of captions/vocabulary.json in "
-                        f"order; re-run `ovml embed-text --force --run-dir {run_dir.path}`")
+                        f"order (the vocabulary changed since embed-text ran); run `ovml embed-text --run-dir "
+                        f"{run_dir.path}` again")
     parts = caption_parts(run_dir.path)
     if not parts:
         raise OvmlError(f"no captions (part-*.parquet) in {run_dir / CAPTIONS}; run `ovml generate-text` first")
