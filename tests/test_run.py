@@ -135,8 +135,8 @@ def test_a_refused_start_leaves_no_folder_behind(tmp_path):
 def test_eval_of_images_nothing_embeds_is_refused_before_any_stage(tmp_path, tiny_clip):
     config = tmp_path / "ovml.toml"
     (tmp_path / "labels.txt").write_text("dog\ncat\n")
-    config.write_text(f'run_dir = "{tmp_path / "run"}"\nclip = "{tiny_clip}"\n\n[generate_text]\nlabels = "{tmp_path / "labels.txt"}"\n'
-                      '\n[eval]\ndataset = "folder"\n')
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\nclip = "{tiny_clip}"\n\n'
+                      f'[generate_text]\nlabels = "{tmp_path / "labels.txt"}"\n\n[eval]\ndataset = "folder"\n')
     result = ovml_run(config)
     assert result.returncode == 2 and "add an [embed_images] section" in result.stderr
     assert [s["status"] for s in summary_of(result)["stages"]] == ["failed"]  # eval's check; nothing ran
