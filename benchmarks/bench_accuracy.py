@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--finished-only", action="store_true", help="no new work: tables of the runs already "
                         "finished under --work (a partial grid, e.g. at a deadline)")
     args = parser.parse_args()
+    if args.repeat_penalty <= 0:
+        parser.error("--repeat-penalty must be > 0 (1.0: none)")
     t0 = time.perf_counter()
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:

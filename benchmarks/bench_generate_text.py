@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", choices=["yes", "no"], default=["yes"],
                         help="send each variant's head (its words before the labels, evaluated once) or not")
     args = parser.parse_args()
+    if min(args.repeat_penalties) <= 0:
+        parser.error("--repeat-penalties must be > 0 (1.0: none)")
     rows = []
     for hogs in args.hogs:
         processes = start_hogs(hogs)
